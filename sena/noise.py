@@ -1,0 +1,69 @@
+"""Forward-diffusion noise for SENA's rejected answers (SENA.md, step 4).
+
+The rejected answer of a pair is the model's answer on a noised copy of the image:
+
+    x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε,    ε ~ N(0, I),    ᾱ_t = Π_{i≤t} (1 − β_i)
+    β_i = sigmoid(linspace(−6, 6, 1000))_i · (5e-3 − 1e-5) + 1e-5        (1000-step "sigmoid" schedule)
+
+At t = 600, ᾱ_600 = 0.539118, so x_t = 0.734·x_0 + 0.679·ε. x_0 is the already-normalized image tensor (after
+CLIP preprocessing and padding to square), as in the official code. The official code does not seed ε; we derive
+one seed per (run seed, image, round) with `noise_generator` so every run is reproducible.
+"""
+
+import functools
+import hashlib
+
+import torch
+
+
+@functools.lru_cache(maxsize=4)
+def _ddpm_scheduler(num_steps, beta_start, beta_end):
+    # Imported here: diffusers costs ~1.2 s at import and only the generation stage needs it.
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=num_steps, beta_start=beta_start, beta_end=beta_end, beta_schedule="sigmoid"
+    )
+
+
+def sigmoid_schedule(num_steps=1000, beta_start=1e-5, beta_end=5e-3):
+    """ᾱ_t for t = 0..num_steps−1 of the sigmoid β schedule, from diffusers' DDPMScheduler. Returns (num_steps,) fp32.
+
+    β_i = sigmoid(linspace(−6, 6, num_steps))_i · (beta_end − beta_start) + beta_start,   ᾱ_t = Π_{i≤t} (1 − β_i).
+    The scheduler is built once per setting and cached; a copy is returned so callers cannot alter the cache.
+    """
+    return _ddpm_scheduler(num_steps, beta_start, beta_end).alphas_cumprod.detach().cpu().clone()
+
+
+def add_diffusion_noise(x0, t=600, noise=None, generator=None):
+    """Noise x0 to diffusion step t:  x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε   (default schedule, see module docstring).
+
+    x0: (..., C, H, W) or any shape, any float dtype and device (normalized pixel values).
+    t: int step in [0, 1000), or an int tensor (B,) with one step per leading-dim sample.
+    noise: ε with x0's shape; if None, ε = randn(x0.shape, generator=generator) drawn in fp32 on the generator's
+           device (CPU by default) and moved to x0's device, so the same generator gives the same ε on any device.
+    returns: x_t with x0's shape, dtype and device (computed in fp32).
+    """
+    if noise is None:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32, device=gen_device)
+    scheduler = _ddpm_scheduler(1000, 1e-5, 5e-3)
+    # diffusers' add_noise indexes ᾱ with the timestep, so it must be a tensor (a python int raises).
+    timesteps = torch.as_tensor(t, dtype=torch.long)
+    x_t = scheduler.add_noise(x0.float(), noise.to(device=x0.device, dtype=torch.float32), timesteps)
+    return x_t.to(x0.dtype)
+
+
+def noise_seed(seed, image_key, round):
+    """Deterministic 63-bit seed for one (run seed, image, round), identical across processes and machines.
+
+    sha256 of "seed|image_key|round" (Python's hash() is salted per process, so it cannot be used).
+    image_key: any string naming the image, e.g. its path relative to the pool folder.
+    """
+    digest = hashlib.sha256(f"{seed}|{image_key}|{round}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def noise_generator(seed, image_key, round, device="cpu"):
+    """A torch.Generator seeded with noise_seed(seed, image_key, round): pass it to add_diffusion_noise."""
+    return torch.Generator(device=device).manual_seed(noise_seed(seed, image_key, round))
