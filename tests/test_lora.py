@@ -1,0 +1,200 @@
+"""sena/lora.py: B = 0 is the base, disabled is the base, merged equals unmerged, only LoRA trains, PEFT format."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sena.lora import (
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_disabled,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+class _Block(nn.Module):
+    def __init__(self, d, attn_names, mlp_names):
+        super().__init__()
+        self.self_attn = nn.Module()
+        for n in attn_names:
+            setattr(self.self_attn, n, nn.Linear(d, d))
+        self.mlp = nn.Module()
+        for n in mlp_names:
+            setattr(self.mlp, n, nn.Linear(d, d, bias=False))
+
+    def forward(self, x):
+        for m in list(self.self_attn.children()) + list(self.mlp.children()):
+            x = x + torch.tanh(m(x))
+        return x
+
+
+class ToyLlava(nn.Module):
+    """Linear layers at the same paths as sena.model.Llava / transformers' LlavaForConditionalGeneration."""
+
+    def __init__(self, d=8, vocab=11):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.vision_tower = nn.Module()
+        self.model.vision_tower.encoder = nn.Module()
+        self.model.vision_tower.encoder.layers = nn.ModuleList([_Block(d, ["q_proj", "v_proj"], ["fc1"])])
+        self.model.multi_modal_projector = nn.Module()
+        self.model.multi_modal_projector.linear_1 = nn.Linear(d, d)
+        self.model.language_model = nn.Module()
+        self.model.language_model.layers = nn.ModuleList(
+            [_Block(d, ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "down_proj"]) for _ in range(2)]
+        )
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, x):
+        x = self.model.multi_modal_projector.linear_1(self.model.vision_tower.encoder.layers[0](x))
+        for layer in self.model.language_model.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def _toy(dtype=torch.float64):
+    torch.manual_seed(0)
+    return ToyLlava().to(dtype)
+
+
+def _randomize_B(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_apply_lora_targets_language_model_only():
+    model = _toy()
+    names = apply_lora(model, TARGETS, r=2, alpha=4)
+    expected = [
+        f"model.language_model.layers.{i}.{n}" for i in (0, 1) for n in ("self_attn.q_proj", "self_attn.v_proj")
+    ]
+    expected += [f"model.language_model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert sorted(names) == sorted(expected)
+    assert type(model.model.vision_tower.encoder.layers[0].self_attn.q_proj) is nn.Linear
+    lora = model.model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(lora, LoRALinear) and lora.scaling == 2.0
+    assert lora.lora_A.weight.shape == (2, 8) and lora.lora_B.weight.shape == (8, 2)
+    # PEFT-like parameter paths
+    keys = set(dict(model.named_parameters()))
+    assert "model.language_model.layers.0.self_attn.q_proj.base_layer.weight" in keys
+    assert "model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    # include=None reaches the vision tower too; exclude drops paths
+    assert len(apply_lora(_toy(), TARGETS, r=2, alpha=4, include=None)) == 8
+    assert len(apply_lora(_toy(), TARGETS, r=2, alpha=4, exclude=["layers.1."])) == 3
+    with pytest.raises(ValueError):
+        apply_lora(_toy(), ["nope_proj"], r=2, alpha=4)
+
+
+def test_zero_B_equals_base_and_disabled_equals_base():
+    model = _toy()
+    base = copy.deepcopy(model)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    apply_lora(model, TARGETS, r=2, alpha=4)
+    assert all(torch.count_nonzero(m.lora_A.weight) > 0 for m in model.modules() if isinstance(m, LoRALinear))
+    assert torch.equal(model(x), base(x))  # B = 0: exactly the base
+    _randomize_B(model)
+    assert (model(x) - base(x)).abs().max() > 1e-2  # the adapter now changes the output
+    with lora_disabled(model):
+        assert torch.equal(model(x), base(x))
+    assert (model(x) - base(x)).abs().max() > 1e-2  # flags restored on exit
+
+
+def test_lora_forward_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4).double()
+    m = LoRALinear(base, r=3, alpha=6)
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    W, b, A, B = base.weight, base.bias, m.lora_A.weight, m.lora_B.weight
+    torch.testing.assert_close(m(x), x @ W.T + b + 2.0 * (x @ A.T @ B.T), rtol=0, atol=1e-12)
+
+
+def test_only_lora_params_get_grads_and_base_is_bit_identical_after_adamw():
+    model = _toy(torch.float32)
+    apply_lora(model, TARGETS, r=2, alpha=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if ".lora_A." in n or ".lora_B." in n} and len(trainable) == 12
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x = torch.randn(4, 8)
+    model(x).pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None
+        else:
+            assert p.grad is None, n
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in trainable and ".lora_B." in n:
+            assert not torch.equal(p, before[n]), n  # B moved away from 0
+        elif n not in trainable:
+            assert torch.equal(p, before[n]), n  # bit-identical base
+
+
+def test_merge_after_real_step_equals_unmerged_and_formula():
+    model = _toy(torch.float32)
+    apply_lora(model, TARGETS, r=2, alpha=4)
+    opt = torch.optim.AdamW(lora_parameters(model), lr=5e-2)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    q = model.model.language_model.layers[1].self_attn.q_proj
+    expected_w = q.base_layer.weight + 2.0 * q.lora_B.weight @ q.lora_A.weight
+    assert torch.count_nonzero(q.lora_B.weight) > 0
+    unmerged = model(x)
+    merged_names = merge_lora(model)
+    assert len(merged_names) == 6 and not any(isinstance(m, LoRALinear) for m in model.modules())
+    merged_q = model.model.language_model.layers[1].self_attn.q_proj
+    assert type(merged_q) is nn.Linear
+    torch.testing.assert_close(merged_q.weight, expected_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    # the merged model's keys are the plain ones again
+    assert "model.language_model.layers.1.self_attn.q_proj.weight" in dict(model.named_parameters())
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _toy()
+    apply_lora(model, TARGETS, r=2, alpha=4)
+    _randomize_B(model)
+    save_adapter(model, tmp_path, base_model_path="/some/base")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
+    assert config["bias"] == "none" and config["fan_in_fan_out"] is False and config["modules_to_save"] is None
+    assert config["base_model_name_or_path"] == "/some/base"
+    # a regex that picks the language model's layers only (the vision tower also has q_proj / v_proj)
+    assert config["target_modules"] == r".*language_model.*\.(down_proj|q_proj|v_proj)"
+    sd = lora_state_dict(model)
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in sd
+    assert len(sd) == 12
+
+    fresh = _toy()  # same base weights (same seed), no adapters
+    loaded = load_adapter(fresh, tmp_path)
+    assert len(loaded) == 6
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    assert torch.equal(fresh(x), model(x))
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def test_bf16_base_keeps_fp32_lora():
+    model = _toy(torch.bfloat16)
+    apply_lora(model, TARGETS, r=2, alpha=4)
+    q = model.model.language_model.layers[0].self_attn.q_proj
+    assert q.base_layer.weight.dtype == torch.bfloat16 and q.lora_A.weight.dtype == torch.float32
+    out = model(torch.randn(2, 8).bfloat16())
+    assert out.dtype == torch.bfloat16
