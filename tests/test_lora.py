@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from sena.lora import (
+    LLAMA_TARGETS,
     LoRALinear,
     apply_lora,
     load_adapter,
@@ -198,3 +199,119 @@ def test_bf16_base_keeps_fp32_lora():
     assert q.base_layer.weight.dtype == torch.bfloat16 and q.lora_A.weight.dtype == torch.float32
     out = model(torch.randn(2, 8).bfloat16())
     assert out.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- sena.model.Llava and PEFT parity
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_llava(tmp_path_factory):
+    """A tiny transformers LlavaForConditionalGeneration saved to disk: (hf_model, path)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ),
+        image_token_index=63,
+        vision_feature_layer=-2,
+    )
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_llava")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def _llava_inputs():
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(3, 60, (2, 6), generator=g)
+    input_ids = torch.cat([text[:, :2], torch.full((2, 4), 63), text[:, 2:]], 1)  # 4 image tokens per image
+    pixel_values = torch.randn(2, 3, 16, 16, generator=g)
+    return input_ids, pixel_values
+
+
+def _sena_llava(path):
+    model_mod = pytest.importorskip("sena.model")
+    model, _, _ = model_mod.load_pretrained(path)
+    return model.eval()
+
+
+def test_llava_lora_invariants(tiny_hf_llava, tmp_path):
+    _, path = tiny_hf_llava
+    model = _sena_llava(path)
+    input_ids, pixel_values = _llava_inputs()
+    with torch.no_grad():
+        base = model(input_ids, pixel_values=pixel_values)
+        names = apply_lora(model, list(LLAMA_TARGETS), r=4, alpha=8)
+        assert len(names) == 2 * 7 and all(n.startswith("model.language_model.layers.") for n in names)
+        assert torch.equal(model(input_ids, pixel_values=pixel_values), base)  # B = 0
+        _randomize_B(model)
+        adapted = model(input_ids, pixel_values=pixel_values)
+        assert (adapted - base).abs().max() > 1e-3
+        with lora_disabled(model):
+            assert torch.equal(model(input_ids, pixel_values=pixel_values), base)
+    save_adapter(model, tmp_path, base_model_path=str(path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == (
+        r".*language_model.*\.(down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)"
+    )
+    reloaded = _sena_llava(path)
+    load_adapter(reloaded, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids, pixel_values=pixel_values), adapted)
+        merge_lora(model)
+        torch.testing.assert_close(model(input_ids, pixel_values=pixel_values), adapted, rtol=0, atol=1e-5)
+
+
+def test_our_adapter_loads_in_peft_with_equal_logits(tiny_hf_llava, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, path = tiny_hf_llava
+    model = _sena_llava(path)
+    apply_lora(model, list(LLAMA_TARGETS), r=4, alpha=8)
+    _randomize_B(model)
+    save_adapter(model, tmp_path / "ours", base_model_path=str(path))
+    input_ids, pixel_values = _llava_inputs()
+    with torch.no_grad():
+        ours = model(input_ids, pixel_values=pixel_values)
+        peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+        # PEFT wrapped exactly our layers: the regex kept the CLIP tower's q_proj / v_proj out.
+        peft_wrapped = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+        assert len(peft_wrapped) == 14 and all(".language_model." in n for n in peft_wrapped)
+        theirs = peft_model(input_ids=input_ids, pixel_values=pixel_values).logits
+        plain = hf(input_ids=input_ids, pixel_values=pixel_values).logits
+    assert (ours - plain).abs().max() > 1e-3  # the adapter matters, so equality below means something
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_peft_adapter_loads_in_ours_with_equal_logits(tiny_hf_llava, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, path = tiny_hf_llava
+    torch.manual_seed(5)
+    # init_lora_weights=False: PEFT draws B at random too, so the adapter is not the identity.
+    lc = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(copy.deepcopy(hf), lc).eval()
+    peft_model.save_pretrained(tmp_path / "theirs")
+    model = _sena_llava(path)
+    loaded = load_adapter(model, tmp_path / "theirs")
+    assert len(loaded) == 8  # this adapter also targets the CLIP tower's q_proj / v_proj (2 + 2 layers × 2)
+    input_ids, pixel_values = _llava_inputs()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=input_ids, pixel_values=pixel_values).logits
+        ours = model(input_ids, pixel_values=pixel_values)
+        plain = hf(input_ids=input_ids, pixel_values=pixel_values).logits
+    assert (theirs - plain).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
