@@ -159,7 +159,10 @@ def merge_lora(model):
 
 
 def lora_state_dict(model):
-    """{"base_model.model.<path>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}: PEFT's saved key names."""
+    """{"base_model.model.<path>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}: PEFT's saved key names.
+
+    The tensors are detached views of the live parameters, not copies: clone them to keep a snapshot.
+    """
     sd = {}
     for name, m in lora_modules(model):
         sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()

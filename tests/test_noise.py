@@ -1,5 +1,6 @@
 """sena/noise.py: the sigmoid schedule by hand, the forward-diffusion formula, seeding."""
 
+import os
 import subprocess
 import sys
 
@@ -81,7 +82,9 @@ def test_noise_seed_stable_across_processes():
     # sha256-based: a fixed value, and the same in a fresh interpreter (python's hash() would differ).
     assert noise_seed(0, "pool/img_001.png", 1) == 4297733602113961019
     code = "from sena.noise import noise_seed; print(noise_seed(0, 'pool/img_001.png', 1))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd="/")
     assert int(out.stdout.strip()) == 4297733602113961019
 
 
