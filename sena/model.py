@@ -346,7 +346,8 @@ class LanguageModel(nn.Module):
             mask = (k_pos <= q_pos)[None]  # (1, T, S) causal
             if attention_mask is not None:
                 mask = mask & attention_mask[:, None, :].bool()  # (B, T, S) drop padded keys
-            # A left-pad query would see no key at all (softmax of all -inf = NaN); let it see itself.
+            # A left-pad query sees no real key; some SDPA kernels give NaN for an all-masked row, and a NaN
+            # value times a zero weight still poisons later rows. Letting each query see itself avoids that.
             mask = (mask | (k_pos == q_pos))[:, None]  # (B or 1, 1, T, S)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
