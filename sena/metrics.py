@@ -243,7 +243,31 @@ def vqa_accuracy(preds, golds, types):
         for key in (t, "overall"):
             hits[key] += ok
             counts[key] += 1
-    return {k: {"accuracy": hits[k] / counts[k], "n": counts[k]} for k in counts}
+    keys = [k for k in counts if k != "overall"] + ["overall"] * bool(counts)
+    return {k: {"accuracy": hits[k] / counts[k], "n": counts[k]} for k in keys}
+
+
+def answer_values(text, vocab):
+    """The distinct phrases of `vocab` that `text` names as whole words (longest first, so 'top left' is not 'top')."""
+    text, found = f" {normalize_answer(text)} ", []
+    for v in sorted(vocab, key=len, reverse=True):
+        if f" {v} " in text:
+            found.append(v)
+            text = text.replace(f" {v} ", " | ")
+    return found
+
+
+def answer_correct(pred, gold, vocab=()):
+    """Lenient correctness of a sentence answer (e.g. a self-enhanced one) against a short gold answer.
+
+    yes/no gold: the POPE parse of pred equals it. Otherwise: normalized exact match, or the only phrase of `vocab`
+    (the answer set of the question's type) that pred names is the gold one. "The star is red." is right for
+    'red'; "red and blue" is not.
+    """
+    g = normalize_answer(gold)
+    if g in ("yes", "no"):
+        return pope_parse(pred) == g
+    return normalize_answer(pred) == g or answer_values(pred, vocab) == [g]
 
 
 # ------------------------------------------------------------------------------------------------ format following

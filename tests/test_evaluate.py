@@ -1,0 +1,193 @@
+"""evaluate.py: the POPE answer-file scorer on the real fixture files, bad-line handling, the world benchmarks with
+scripted answerers whose scores are known, side-by-side comparison, and the data-side pair measures."""
+
+import json
+import os
+
+import pytest
+
+import evaluate as E
+from sena.world.language import describe, oracle_answer
+from sena.world.scenes import absent_buddies, sample_scenes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures", "pope")
+SPLITS = ("random", "popular", "adversarial")
+
+
+def _fixture_paths():
+    if not os.path.isdir(FIXTURES):
+        pytest.skip(f"POPE fixtures not found at {FIXTURES}")
+    qs = [os.path.join(FIXTURES, f"coco_pope_{s}.json") for s in SPLITS]
+    ans = [os.path.join(FIXTURES, f"seva_answers_{s}.jsonl") for s in SPLITS]
+    return qs, ans
+
+
+def _official(question_file, answer_file):
+    """The official eval_pope.py procedure written out literally: file order, zip, first sentence, word test."""
+    labels = [json.loads(line)["label"] for line in open(question_file)]
+    preds = []
+    for line in open(answer_file):
+        text = json.loads(line)["answer"]
+        if text.find(".") != -1:
+            text = text.split(".")[0]
+        words = text.replace(",", "").split(" ")
+        preds.append("no" if ("No" in words or "not" in words or "no" in words) else "yes")
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
+    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels))
+    return tp, fp, tn, fn
+
+
+def test_pope_scorer_on_fixture_files(capsys):
+    qs, ans = _fixture_paths()
+    res = E.main(["pope", "--questions", *qs, "--answers", *ans])
+    out = capsys.readouterr().out
+    # Counts pinned from this scorer and cross-checked against the literal official procedure.
+    pinned = {"random": (1280, 87, 1413, 220), "popular": (1280, 156, 1344, 220), "adversarial": (1280, 274, 1226, 220)}
+    for q, a, split in zip(qs, ans, SPLITS):
+        m = res[split]
+        assert (m["tp"], m["fp"], m["tn"], m["fn"]) == pinned[split] == _official(q, a)
+        assert m["n"] == 3000 and m["n_bad"] == 0 and m["n_missing"] == 0 and m["n_unmatched"] == 0
+        tp, fp, tn, fn = pinned[split]
+        p, r = tp / (tp + fp), tp / (tp + fn)
+        assert m["f1"] == pytest.approx(2 * p * r / (p + r), abs=1e-12)
+        assert m["accuracy"] == pytest.approx((tp + tn) / 3000, abs=1e-12)
+        assert m["yes_ratio"] == pytest.approx((tp + fp) / 3000, abs=1e-12)
+        assert split in out
+    assert res["mean_f1"] == pytest.approx(sum(res[s]["f1"] for s in SPLITS) / 3)
+    assert round(100 * res["mean_f1"], 2) == 86.77
+    assert "mean F1" in out
+
+
+def test_pope_scorer_bad_lines(tmp_path, capsys):
+    q = tmp_path / "coco_pope_random.json"
+    a = tmp_path / "answers.jsonl"
+    q.write_text(
+        '{"question_id": 1, "image": "x.jpg", "text": "Is there a cat in the image?", "label": "yes"}\n'
+        "{not json\n"
+        '{"question_id": 2, "image": "x.jpg", "text": "Is there a dog in the image?", "label": "maybe"}\n'
+        '{"question_id": 3, "image": "x.jpg", "text": "Is there a cow in the image?", "label": "no"}\n'
+        "\n"
+        '{"question_id": 4, "image": "x.jpg", "text": "Is there a pig in the image?", "label": "no"}\n'
+    )
+    a.write_text(
+        '{"question_id": 1, "answer": "Yes, there is a cat."}\n'
+        '{"question_id": 3, "text": "No, there is not."}\n'  # LLaVA's 'text' field is accepted
+        '{"question_id": 3, "answer": "Yes"}\n'  # repeated id: the first one counts
+        '{"question_id": 9}\n'
+        "[1, 2]\n"
+    )
+    res = E.score_pope_files([str(q)], [str(a)])
+    err = capsys.readouterr().err
+    assert f"{q}:2: not valid JSON" in err
+    assert f"{q}:3: label 'maybe' is not yes/no" in err
+    assert f"{a}:4: no string 'answer'" in err and f"{a}:5: not a JSON object" in err
+    assert "repeated answer question_id 3" in err
+    m = res["random"]
+    assert m["n_bad"] == 5  # 2 question lines, 2 answer lines, 1 repeated id
+    assert m["n"] == 2 and m["n_missing"] == 1  # question 4 has no answer
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 0, 1, 0)
+
+
+# ------------------------------------------------------------------------------------------- world benchmarks
+
+SCENES = sample_scenes(40, seed=7, prefix="test")
+BY_IMAGE = {sc["image"]: sc for sc in SCENES}
+
+
+def _answerer(short, des):
+    def answer(reqs):
+        for r in reqs:
+            sc = BY_IMAGE[r["image"]]
+            r["answer"] = {
+                "ask": "How many objects are there?",
+                "self_check": "QUESTION: How many objects are there?",
+                "improve": "Improved Answer: two",
+                "des": des(sc),
+            }.get(r["task"]) or short(sc, r)
+
+    return answer
+
+
+def _perfect_short(sc, r):
+    return oracle_answer(sc, r["text"])
+
+
+def _hallucinated_description(sc):
+    extra = [{"shape": b, "color": "red", "size": "small", "pos": "center"} for b in absent_buddies(sc)]
+    return describe(sc, extra)
+
+
+def test_world_benchmarks_perfect_answerer():
+    m, reqs = E.run_benchmarks(SCENES, _answerer(_perfect_short, describe), seed=0, pope_k=3)
+    s = E.summary(m)
+    for key in ("pope_random_acc", "pope_adversarial_f1", "recall", "amber_cover", "amber_f1_all", "amber_score",
+                "vqa_overall", "fmt_ask_question", "fmt_self_check", "fmt_improve", "des_exact"):
+        assert s[key] == 1.0, key
+    assert s["chair_i"] == s["chair_s"] == s["amber_hal"] == s["amber_cog"] == 0.0
+    for split in SPLITS:  # POPE is balanced by construction and only uses scenes with >= 3 objects
+        assert s[f"pope_{split}_yes"] == 0.5
+        assert m["pope"][split]["n"] == 6 * sum(len(sc["objects"]) >= 3 for sc in SCENES)
+    assert {r["task"] for r in reqs} == {"pope", "amber", "vqa", "des", "ask", "self_check", "improve"}
+
+
+def test_world_benchmarks_yes_sayer_and_hallucinating_describer():
+    m, _ = E.run_benchmarks(SCENES, _answerer(lambda sc, r: "Yes", _hallucinated_description), seed=0, pope_k=3)
+    for split in SPLITS:
+        p = m["pope"][split]
+        assert (p["yes_ratio"], p["recall"], p["precision"], p["accuracy"]) == (1.0, 1.0, 0.5, 0.5)
+    assert m["amber"]["discriminative"]["all"]["f1"] == 0.0  # 'No' is the positive class and never said
+    n_hall = sum(len(absent_buddies(sc)) for sc in SCENES)
+    n_all = sum(len(sc["objects"]) for sc in SCENES) + n_hall
+    assert m["chair"]["chair_i"] == pytest.approx(n_hall / n_all)
+    assert m["chair"]["chair_s"] == pytest.approx(sum(bool(absent_buddies(sc)) for sc in SCENES) / len(SCENES))
+    assert m["amber"]["generative"]["cog"] == 1.0 and m["amber"]["generative"]["cover"] == 1.0
+    assert m["amber"]["score"] == pytest.approx((1 - n_hall / n_all + 0.0) / 2)
+    assert m["format"]["des_exact"] == pytest.approx(sum(not absent_buddies(sc) for sc in SCENES) / len(SCENES))
+
+
+def test_compare_prints_deltas(tmp_path, capsys):
+    for name, short in (("theta0", lambda sc, r: "Yes"), ("iter_1", _perfect_short)):
+        m, _ = E.run_benchmarks(SCENES, _answerer(short, describe))
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    E.main(["--compare", str(tmp_path / "theta0"), str(tmp_path / "iter_1" / "metrics.json")])
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert "theta0" in lines["metric"] and "iter_1" in lines["metric"]
+    assert lines["pope_random_acc"].split()[1:] == ["50.00", "100.00", "(+50.00)"]
+    assert lines["amber_f1_all"].split()[1:] == ["0.00", "100.00", "(+100.00)"]
+
+
+def test_score_pairs_hand_case():
+    scene = {"image": "s1.png", "objects": [
+        {"shape": "circle", "color": "red", "size": "small", "pos": "top left", "row": 0, "col": 0},
+        {"shape": "star", "color": "blue", "size": "large", "pos": "center", "row": 1, "col": 1}]}  # fmt: skip
+    star_q = "Is there a star in the image?"
+    pairs = [
+        {"type": "gen", "image": "pool/s1.png", "question_raw": "What color is the square?",
+         "question": "What color is the circle?", "chosen": "The circle is red.", "rejected": "blue"},
+        {"type": "des", "image": "pool/s1.png", "question_raw": "What color is the square?",
+         "question": "What color is the circle?", "chosen": describe(scene),
+         "rejected": "There is a red circle and a square."},
+        {"type": "gen", "image": "s1.png", "question_raw": star_q, "question": star_q,
+         "chosen": "Yes, there is a blue star.", "rejected": "Yes"},
+        {"type": "des", "image": "s1.png", "question_raw": star_q, "question": star_q,
+         "chosen": "A red circle and a blue star.", "rejected": "There is a red circle."},
+        {"type": "gen", "image": "s1.png", "question_raw": "How many objects are there?",
+         "question": "Where is the green moon?", "chosen": "center", "rejected": "top"},
+        {"type": "gen", "image": "s1.png", "question_raw": "What color is the star?",
+         "question": "What color is the star?", "chosen": "red and blue", "rejected": "blue"},
+        {"type": "gen", "image": "other.png", "question_raw": "x?", "question": "x?", "chosen": "a", "rejected": "b"},
+    ]  # fmt: skip
+    d = E.score_pairs(pairs, {"s1.png": scene})
+    assert d["n_pairs"] == 7 and d["n_missing_scene"] == 1 and d["n_questions"] == 4
+    assert d["question_raw_answerable"] == pytest.approx(3 / 4)  # the square question is not answerable
+    assert d["question_answerable"] == pytest.approx(3 / 4)  # the green moon is not there
+    # gen scored on answerable questions: circle (right / wrong), star exists (right / right), star colour
+    # ('red and blue' names two colours: not right / 'blue' is right).
+    assert d["n_gen_scored"] == 3
+    assert d["gen_chosen_correct"] == pytest.approx(2 / 3) and d["gen_rejected_wrong"] == pytest.approx(1 / 3)
+    assert d["n_des"] == 2 and d["des_chosen_correct"] == 1.0 and d["des_rejected_wrong"] == pytest.approx(1 / 2)
+    assert d["chosen_correct"] == pytest.approx(4 / 5) and d["rejected_wrong"] == pytest.approx(2 / 5)
