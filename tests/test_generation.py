@@ -18,7 +18,7 @@ def tiny_model(seed=0):
     torch.manual_seed(seed)
     model = Llava(config).eval()
     with torch.no_grad():  # larger weights than the 0.02 init, so greedy paths are varied rather than constant
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, p[0].numel() ** -0.5)
     return model
