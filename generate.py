@@ -1,0 +1,202 @@
+"""Generate one SENA round's preference pairs from a model θ(k-1) and unlabeled images.
+
+    python generate.py --model runs/world/theta0 --images runs/world/pool/iter_1 --out runs/world/iter_1 --round 1
+
+Stages (../shared/SENA.md, "One round"), each batched over all images:
+  1. self-questioning: ask a question, then the self-check turn (with the image by default, text-only as the
+     released code does with --self-check text, skipped with --self-check off); keep the '?' sentences;
+  2. a description prompt drawn per image (seeded);
+  3. answers on the clean image (chosen candidates): type des (description) and gen (question), greedy;
+  4. the same prompts on a diffusion-noised copy of the image (rejected), noise seeded per (image, round);
+  5. self-enhancement: every clean answer is rewritten given the description (--no-enhance keeps the raw one);
+  6. the pair filters, each counted.
+Writes pairs.jsonl (one pair a line; `prompt`/`chosen`/`rejected`/`images` are the fields TRL's preference datasets
+read) and report.json (counts per stage and filter, rewrite and acceptance rates, mean lengths). Reads images only.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from sena import prompts
+from sena.chat import encode_prompt
+from sena.generation import generate
+from sena.image import load_image, preprocess
+from sena.io import atomic_write_text, list_images
+from sena.model import load_pretrained
+from sena.noise import add_diffusion_noise, noise_generator
+from sena.pairs import FILTERS, extract_questions, mentions_name, pair_filter, parse_improved
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face LLaVA directory of θ(k-1)")
+    p.add_argument("--images", help="folder of unlabeled images (png/jpg/...), read in sorted order")
+    p.add_argument("--image-list", help="LLaVA-style JSON list of {'image': relative path}; paths under --image-root")
+    p.add_argument("--image-root", help="root folder for --image-list paths (default: the JSON's folder)")
+    p.add_argument("--offset", type=int, default=0,
+                   help="skip this many images of the sorted list (rounds take disjoint slices)")
+    p.add_argument("--num-images", type=int, default=None, help="use at most this many images (default: all)")
+    p.add_argument("--out", required=True, help="round directory; pairs.jsonl and report.json go here")
+    p.add_argument("--round", type=int, default=1, help="round index k; seeds the noise and prompt draws")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the run")
+    p.add_argument("--self-check", choices=["image", "text", "off"], default="image",
+                   help="self-check turn with the image (paper), text-only (released code) or skipped (ablation)")
+    p.add_argument("--no-enhance", action="store_true", help="ablation: chosen = the raw clean answer (no SE)")
+    p.add_argument("--noise-step", type=int, default=600, help="diffusion step t of the rejected image (of 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per answer, in tokens")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def encode_images(model, pixels, batch_size):
+    """Vision tower + projector once per image; every stage reuses these features. (N, n_tok, D)"""
+    feats = [model.encode_images(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def run_prompts(model, tok, feats, users, args, desc, with_image=True):
+    """Greedy answers to users[i] about image feats[i]; batched, sorted by prompt length to waste little padding."""
+    cfg = model.config
+    ids = [encode_prompt(tok, u, cfg.n_image_tokens, cfg.image_token_index, with_image) for u in users]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [None] * len(ids)
+    for s in tqdm(range(0, len(order), args.batch_size), desc=desc, leave=False, disable=None):
+        idx = order[s : s + args.batch_size]
+        new = generate(model, [ids[i] for i in idx], image_features=feats[idx] if with_image else None,
+                       max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+        for i, toks in zip(idx, new):
+            out[i] = tok.decode(toks, skip_special_tokens=True).strip()
+    return out
+
+
+def ask_questions(model, tok, feats, args, report):
+    """Stage 1: one question per image, then the self-check. Returns (raw, checked) lists, None where dropped."""
+    raw = [extract_questions(t) for t in run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(feats), args,
+                                                     "ask")]
+    report["questions_raw"] = sum(q is not None for q in raw)
+    if args.self_check == "off":
+        checked = list(raw)
+    else:
+        keep = [i for i, q in enumerate(raw) if q is not None]
+        outs = run_prompts(model, tok, feats[keep], [prompts.SELF_CHECK.format(question=raw[i]) for i in keep], args,
+                           "self-check", with_image=args.self_check == "image")
+        checked = [None] * len(raw)
+        for i, text in zip(keep, outs):
+            checked[i] = extract_questions(text)
+        report["self_check_dropped"] = sum(checked[i] is None for i in keep)
+        report["self_check_rewritten"] = sum(checked[i] is not None and checked[i] != raw[i] for i in keep)
+    named = [i for i, q in enumerate(checked) if q is not None and mentions_name(q)]
+    for i in named:
+        checked[i] = None
+    report["questions_name_dropped"] = len(named)
+    report["questions_kept"] = sum(q is not None for q in checked)
+    return raw, checked
+
+
+def enhance(model, tok, feats, descriptions, questions, answers, args):
+    """Stage 5: rewrite each answer given the image, its description, the question; None where refused."""
+    users = []
+    for d, q, a in zip(descriptions, questions, answers):
+        # A bare "Yes" carries no content, so the released code leaves the description out of the prompt.
+        if d.strip() == "Yes":
+            users.append(prompts.IMPROVE_NO_DESCRIPTION.format(question=q, answer=a))
+        else:
+            users.append(prompts.IMPROVE.format(description=d, question=q, answer=a))
+    return [parse_improved(t) for t in run_prompts(model, tok, feats, users, args, "enhance")]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, tok, image_cfg = load_pretrained(args.model, dtype=dtype, device=args.device)
+    model.eval()
+    report = {"round": args.round, "model": args.model}
+
+    # Images: unreadable files are skipped and counted, never fatal (a 6K-image round must not die on one JPEG).
+    paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images)
+    names, clean, noised, bad = [], [], [], []
+    for path in tqdm(paths, desc="images", leave=False, disable=None):
+        try:
+            x = preprocess(load_image(path), image_cfg)
+        except (OSError, ValueError) as e:
+            print(f"skipping image {path}: {e}", file=sys.stderr)
+            bad.append(path)
+            continue
+        name = os.path.relpath(path, root)
+        names.append(name)
+        clean.append(x)
+        # Noise goes on the normalized, padded tensor, as in the released code; seeded per (image, round).
+        noised.append(add_diffusion_noise(x, args.noise_step, generator=noise_generator(args.seed, name, args.round)))
+    report["images"], report["images_unreadable"] = len(names), len(bad)
+    if not names:
+        raise SystemExit(f"no readable images in {args.images or args.image_list} (skipped {len(bad)})")
+    clean_feats = encode_images(model, torch.stack(clean).to(args.device, dtype), args.batch_size)
+    noised_feats = encode_images(model, torch.stack(noised).to(args.device, dtype), args.batch_size)
+
+    raw_q, questions = ask_questions(model, tok, clean_feats, args, report)
+    keep = [i for i, q in enumerate(questions) if q is not None]
+    rng = [random.Random(f"{args.seed}-{args.round}-{names[i]}") for i in keep]
+    des_users = [r.choice(prompts.DESCRIBE_PROMPTS) + prompts.DES_SUFFIX for r in rng]
+    gen_users = [questions[i] + prompts.GEN_SUFFIX for i in keep]
+
+    # Stages 3-4: the same two prompts on the clean image (chosen) and the noised image (rejected).
+    cf, nf = clean_feats[keep], noised_feats[keep]
+    des_clean = run_prompts(model, tok, cf, des_users, args, "des clean")
+    gen_clean = run_prompts(model, tok, cf, gen_users, args, "gen clean")
+    des_noised = run_prompts(model, tok, nf, des_users, args, "des noised")
+    gen_noised = run_prompts(model, tok, nf, gen_users, args, "gen noised")
+
+    if args.no_enhance:
+        des_se = gen_se = [None] * len(keep)
+    else:
+        des_se = enhance(model, tok, cf, des_clean, des_users, des_clean, args)
+        gen_se = enhance(model, tok, cf, des_clean, gen_users, gen_clean, args)
+
+    pairs, counts = [], {f: 0 for f in FILTERS}
+    for j, i in enumerate(keep):
+        for kind, user, raw, se, rej in (("des", des_users[j], des_clean[j], des_se[j], des_noised[j]),
+                                          ("gen", gen_users[j], gen_clean[j], gen_se[j], gen_noised[j])):
+            chosen = se if se is not None else raw
+            reason = pair_filter(chosen, rej)
+            if reason is not None:
+                counts[reason] += 1
+                continue
+            pairs.append({"id": f"r{args.round}/{names[i]}/{kind}", "image": names[i], "images": [names[i]],
+                          "type": kind, "prompt": user, "chosen": chosen, "rejected": rej,
+                          "question_raw": raw_q[i], "question": questions[i], "description": des_clean[j],
+                          "chosen_raw": raw, "se_accepted": se is not None})
+
+    n = max(len(keep), 1)
+    report.update({
+        "image_root": os.path.abspath(root),
+        "se_accept_rate_des": None if args.no_enhance else sum(s is not None for s in des_se) / n,
+        "se_accept_rate_gen": None if args.no_enhance else sum(s is not None for s in gen_se) / n,
+        "candidate_pairs": 2 * len(keep), "filtered": counts, "pairs": len(pairs),
+        "pairs_des": sum(p["type"] == "des" for p in pairs), "pairs_gen": sum(p["type"] == "gen" for p in pairs),
+        "mean_words_chosen": sum(len(p["chosen"].split()) for p in pairs) / max(len(pairs), 1),
+        "mean_words_rejected": sum(len(p["rejected"].split()) for p in pairs) / max(len(pairs), 1),
+        "settings": vars(args), "seconds": round(time.time() - t0, 1),
+    })
+    atomic_write_text(os.path.join(args.out, "pairs.jsonl"), "".join(json.dumps(p) + "\n" for p in pairs))
+    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=2))
+    print(f"round {args.round}: {report['images']} images -> {report['questions_kept']} questions -> "
+          f"{len(pairs)} pairs ({report['pairs_des']} des, {report['pairs_gen']} gen); filtered {counts}; "
+          f"{report['seconds']} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Reference log-probs, computed once per round by θ(k-1) and stored beside the pairs.
+
+No reference model is held in memory while training. The cache carries a key made of the pairs file's hash and
+the reference weights' hash; training refuses a cache whose key does not match what it is about to train on.
+"""
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
+from sena.io import sha256_file, sha256_weights
+
+FIELDS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_mean_logps", "ref_rejected_mean_logps")
+
+
+def cache_key(pairs_path, ref_model_dir):
+    return f"pairs:{sha256_file(pairs_path)}|ref:{sha256_weights(ref_model_dir)}"
+
+
+@torch.no_grad()
+def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device="cpu", autocast_dtype=None):
+    """Summed and mean log-probs of every pair's chosen and rejected answer under `model`: dict of (N,) fp32."""
+    model.eval()
+    out = {f: [] for f in FIELDS}
+    for s in tqdm(range(0, len(pairs), batch_size), desc="reference", leave=False, disable=None):
+        chunk = pairs[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in pair_batch([tokenize_pair(tok, model.config, p) for p in chunk],
+                                                         tok.pad_token_id).items()}
+        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pixels = load_pixels(chunk, image_root, image_cfg).to(device, next(model.parameters()).dtype)
+            values = pair_logps(model, batch, model.encode_images(pixels))
+        for f, v in zip(FIELDS, values):
+            out[f].append(v.float().cpu())
+    return {f: torch.cat(v) for f, v in out.items()}
+
+
+def save_reference(path, values, key):
+    save_file({f: values[f].contiguous() for f in FIELDS}, path, metadata={"key": key})
+
+
+def load_reference(path, key):
+    """The cached values; raises ValueError naming the file when its key differs from `key`."""
+    with safe_open(path, "pt") as f:
+        found = (f.metadata() or {}).get("key")
+    if found != key:
+        raise ValueError(f"{path}: reference cache key does not match (cache {found}, expected {key}); "
+                         "the pairs or the reference weights changed — delete the file to recompute it")
+    return load_file(path)

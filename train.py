@@ -1,0 +1,313 @@
+"""SENA self-evolution: round k turns θ(k-1) into θ(k) with DPO + λ·ICA on the model's own preference pairs.
+
+    python train.py                 # the embedded world: build θ0 if needed, run rounds 1..3, print the table
+    python train.py --iter 2        # one round (round 1 must exist); then --iter 3, ...
+    python train.py --base /models/llava-1.5-7b-hf --images /data/coco --iter 1 --run-dir runs/coco
+
+Each round writes runs/<name>/iter_<k>/: pairs.jsonl + report.json (generate.py), ref_logps.safetensors (the
+reference log-probs, once), log.jsonl (one line per step), model/ (θ(k), a Hugging Face LLaVA directory),
+metrics.json (evaluate.py, world runs) and meta.json (arguments, input hashes, git commit).
+
+Loss of a batch of B pairs (../shared/SENA.md, step 8):
+    L = mean_b[-log σ(β·((log π(c) - log π(r)) - (log π_ref(c) - log π_ref(r))))] + λ · ICA
+    ICA = mean_b[des_b · (-(1/|c|)·log π(c))]      (--ica-reduction batch, official)
+        = the same sum / number of des pairs        (--ica-reduction des)
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+import evaluate
+import generate
+from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
+from sena.io import atomic_write_text, read_jsonl, sha256_file
+from sena.lora import apply_lora, lora_disabled, merge_lora
+from sena.losses import dpo_loss, ica_loss
+from sena.model import load_pretrained, save_pretrained
+from sena.refcache import cache_key, load_reference, save_reference, score_pairs
+
+ABLATIONS = {  # name -> (self-check, self-enhancement, ICA)
+    "none": ("image", True, True), "no-sq": ("off", True, True), "no-se": ("image", False, True),
+    "no-ica": ("image", True, False), "seva": ("off", False, False),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iter", type=int, default=None, help="run only round k (default: rounds 1..--n-iters)")
+    p.add_argument("--n-iters", type=int, default=3, help="number of rounds when --iter is not given")
+    p.add_argument("--run-dir", default="runs/world", help="run directory; rounds go to <run-dir>/iter_<k>")
+    p.add_argument("--base", default=None, help="θ0 as a HF LLaVA dir (default: the embedded world's θ0, built once)")
+    p.add_argument("--images", default=None, help="unlabeled image folder for real runs (rounds take disjoint slices)")
+    p.add_argument("--image-list", default=None, help="LLaVA-style JSON image list for real runs")
+    p.add_argument("--image-root", default=None, help="root folder of --image-list paths")
+    p.add_argument("--images-per-iter", type=int, default=400, help="fresh unlabeled images per round")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, the noise, data order and LoRA init")
+    p.add_argument("--ablation", choices=list(ABLATIONS), default="none",
+                   help="no-sq: no self-check; no-se: no self-enhancement; no-ica: λ=0; seva: all three off")
+    p.add_argument("--self-check", choices=["image", "text"], default="image",
+                   help="self-check turn with the image (paper) or text-only (released code)")
+    p.add_argument("--noise-step", type=int, default=600, help="diffusion step t of the rejected image (of 1000)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO β")
+    p.add_argument("--ica-weight", type=float, default=1.0, help="λ, the weight of the image-content alignment NLL")
+    p.add_argument("--ica-reduction", choices=["batch", "des"], default="batch",
+                   help="average the ICA term over the whole batch (official) or over des pairs only")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (official 7B full FT: 2e-6)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over a round's pairs (official: 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (official: 128)")
+    p.add_argument("--micro-batch-size", type=int, default=16, help="pairs per forward; steps accumulate gradients")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after warmup: cosine decay to 0, or constant (what the official DeepSpeed config does)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--full-ft", action="store_true", help="full fine-tuning of LLM + projector instead of LoRA")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (peers: 128 on 7B)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA α (scale α/r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated language-model Linear names to adapt")
+    p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluate.py after each round")
+    return p.parse_args(argv)
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+
+
+def lr_at(step, total, args):
+    """Linear warmup over warmup_ratio·total steps, then cosine decay to 0 or constant."""
+    warmup = max(1, int(args.warmup_ratio * total))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.schedule == "constant":
+        return args.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_data(args, k, prev, round_dir, world):
+    """Round k's pairs (generate.py unless present) and the image root they refer to."""
+    pairs_path = os.path.join(round_dir, "pairs.jsonl")
+    if not os.path.exists(pairs_path):
+        self_check, enhance, _ = ABLATIONS[args.ablation]
+        self_check = args.self_check if self_check == "image" else self_check
+        gen_args = ["--model", prev, "--out", round_dir, "--round", str(k), "--seed", str(args.seed),
+                    "--self-check", self_check, "--noise-step", str(args.noise_step),
+                    "--batch-size", str(args.gen_batch_size), "--device", args.device]
+        if world:
+            gen_args += ["--images", world_pool(world, args.run_dir, k, args.images_per_iter, args.seed)]
+        elif args.images:
+            gen_args += ["--images", args.images, "--offset", str((k - 1) * args.images_per_iter),
+                         "--num-images", str(args.images_per_iter)]
+        else:
+            gen_args += ["--image-list", args.image_list, "--offset", str((k - 1) * args.images_per_iter),
+                         "--num-images", str(args.images_per_iter)] + (
+                            ["--image-root", args.image_root] if args.image_root else [])
+        if not enhance:
+            gen_args.append("--no-enhance")
+        generate.main(gen_args)
+    with open(os.path.join(round_dir, "report.json")) as f:
+        image_root = json.load(f)["image_root"]
+    pairs, bad = read_jsonl(pairs_path, required=("image", "prompt", "chosen", "rejected", "type"))
+    if not pairs:
+        raise SystemExit(f"{pairs_path}: no usable pairs ({bad} malformed) — nothing to train on")
+    return pairs_path, pairs, image_root
+
+
+def train_round(args, k, prev, round_dir, pairs, image_root, ref):
+    """DPO + λ·ICA from θ(k-1); returns the trained (merged) model, tokenizer and image config."""
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    # Precision in three lines: fp32 everywhere on CPU; on CUDA the frozen base is bf16 (full FT: fp32 master
+    # weights), the trainable LoRA weights stay fp32, and the forward runs under bf16 autocast.
+    base_dtype = torch.bfloat16 if cuda and not args.full_ft else torch.float32
+    autocast = dict(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=cuda)
+    model, tok, image_cfg = load_pretrained(prev, dtype=base_dtype, device=dev)
+    torch.manual_seed(args.seed * 1000 + k)
+    if args.full_ft:
+        for name, p in model.named_parameters():
+            p.requires_grad = "vision_tower" not in name  # the vision tower stays frozen (official)
+    else:
+        apply_lora(model, args.lora_targets.split(","), r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    model.train()
+    ica_w = args.ica_weight if ABLATIONS[args.ablation][2] else 0.0
+
+    order_rng = random.Random(args.seed * 1000 + k)
+    order = []
+    for _ in range(args.epochs):
+        epoch = list(range(len(pairs)))
+        order_rng.shuffle(epoch)
+        order += epoch
+    total = max(1, len(order) // args.batch_size)
+    accum = max(1, args.batch_size // args.micro_batch_size)
+    log_path = os.path.join(round_dir, "log.jsonl")
+    log = open(log_path, "w")
+    t_start = time.time()
+    for step in range(total):
+        t0, ntok = time.time(), 0
+        lr = lr_at(step, total, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        stats = {}
+        for m in range(accum):
+            idx = order[step * args.batch_size + m * args.micro_batch_size:][: args.micro_batch_size]
+            chunk = [pairs[i] for i in idx]
+            batch = {k_: v.to(dev) for k_, v in pair_batch([tokenize_pair(tok, model.config, p) for p in chunk],
+                                                            tok.pad_token_id).items()}
+            ntok += int(batch["attention_mask"].sum())
+            refs = [ref[f][idx].to(dev) for f in ("ref_chosen_logps", "ref_rejected_logps")]
+            is_des = torch.tensor([p["type"] == "des" for p in chunk], device=dev, dtype=torch.float32)
+            with torch.autocast(**autocast):
+                pixels = load_pixels(chunk, image_root, image_cfg).to(dev, base_dtype)
+                with torch.set_grad_enabled(args.full_ft):
+                    feats = model.encode_images(pixels)  # frozen tower (+ frozen projector under LoRA)
+                if step == 0 and m == 0:
+                    check_reference(model, batch, feats, refs, ref, idx, cuda)
+                pc, pr, pc_mean, _ = pair_logps(model, batch, feats)
+            losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], args.beta)
+            ica = ica_loss(pc_mean, is_des)
+            ica = ica.sum() / (len(chunk) if args.ica_reduction == "batch" else is_des.sum().clamp(min=1))
+            loss = losses.mean() + ica_w * ica
+            if not torch.isfinite(loss):
+                raise SystemExit(f"round {k} step {step}: non-finite loss {loss.item()} — stopping before saving")
+            (loss / accum).backward()
+            for key, v in (("loss", loss), ("dpo", losses.mean()), ("ica", ica), ("rewards/chosen", r_c.mean()),
+                           ("rewards/rejected", r_r.mean()), ("rewards/margins", (r_c - r_r).mean()),
+                           ("rewards/accuracies", (r_c > r_r).float().mean()), ("logps/chosen", pc.mean()),
+                           ("logps/rejected", pr.mean()), ("logps/ref_chosen", refs[0].mean()),
+                           ("logps/ref_rejected", refs[1].mean())):
+                stats[key] = stats.get(key, 0.0) + v.item() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats.update(iter=k, step=step, lr=lr, grad_norm=grad_norm, tokens_per_s=ntok / (time.time() - t0))
+        log.write(json.dumps(stats) + "\n")
+        log.flush()
+        print(f"iter {k} step {step:03d}/{total:03d} | loss {stats['loss']:.4f} | dpo {stats['dpo']:.4f} | "
+              f"ica {stats['ica']:.4f} | acc {stats['rewards/accuracies']:.2f} | "
+              f"margin {stats['rewards/margins']:.3f} | gnorm {grad_norm:.3f} | lr {lr:.2e} | "
+              f"tok/s {stats['tokens_per_s']:.0f}", flush=True)
+    log.close()
+    print(f"iter {k}: {total} steps in {time.time() - t_start:.1f} s")
+    if not args.full_ft:
+        merge_lora(model)
+    return model.float(), tok, image_cfg
+
+
+@torch.no_grad()
+def check_reference(model, batch, feats, refs, ref, idx, cuda):
+    """Step 0: the cached reference must equal a live reference forward (adapters off) on the first batch."""
+    with lora_disabled(model):
+        live = pair_logps(model, batch, feats)
+    # fp32: only summation order differs (batch padding), so 1e-3 on summed log-probs of tens of tokens.
+    # bf16 autocast: ~3 significant digits per logit, so the tolerance scales with the magnitude.
+    tol = (0.5 + 0.02 * refs[0].abs().max().item()) if cuda else 1e-3
+    diff = max((live[0].float() - refs[0]).abs().max().item(), (live[1].float() - refs[1]).abs().max().item())
+    if diff > tol:
+        raise SystemExit(f"cached reference log-probs differ from a live forward by {diff:.2e} > {tol:.1e}")
+    print(f"reference check: cached vs live max |Δ logp| = {diff:.2e} (tol {tol:.1e})")
+
+
+def run_round(args, k, world):
+    run_dir = args.run_dir
+    round_dir = os.path.join(run_dir, f"iter_{k}")
+    out_model = os.path.join(round_dir, "model")
+    if os.path.exists(os.path.join(round_dir, "meta.json")):
+        print(f"round {k}: done already ({round_dir}/meta.json); skipping")
+        return out_model
+    prev = base_model(args, world) if k == 1 else os.path.join(run_dir, f"iter_{k - 1}", "model")
+    if not os.path.exists(os.path.join(prev, "config.json")):
+        raise SystemExit(f"round {k} needs θ({k - 1}) at {prev}, which is missing; run first: "
+                         f"python train.py --iter {k - 1} --run-dir {run_dir}")
+    os.makedirs(round_dir, exist_ok=True)
+    t0 = time.time()
+    pairs_path, pairs, image_root = prepare_data(args, k, prev, round_dir, world)
+    t_data = time.time()
+
+    # Reference log-probs: once per round, keyed by the pairs' and the reference weights' hashes.
+    ref_path = os.path.join(round_dir, "ref_logps.safetensors")
+    key = cache_key(pairs_path, prev)
+    if os.path.exists(ref_path):
+        ref = load_reference(ref_path, key)
+    else:
+        cuda = args.device.startswith("cuda")
+        ref_model, tok, image_cfg = load_pretrained(prev, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                    device=args.device)
+        ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, args.micro_batch_size, args.device,
+                          torch.bfloat16 if cuda else None)
+        save_reference(ref_path, ref, key)
+        del ref_model
+    t_ref = time.time()
+
+    model, tok, image_cfg = train_round(args, k, prev, round_dir, pairs, image_root, ref)
+    save_pretrained(model, out_model, tokenizer=tok, image_cfg=image_cfg)
+    t_train = time.time()
+    if world and not args.no_eval:
+        evaluate.main(["--model", out_model, "--test-dir", os.path.join(run_dir, "test")])
+    meta = {"round": k, "args": vars(args), "git_commit": git_commit(), "reference": prev,
+            "inputs": {"pairs_sha256": sha256_file(pairs_path), "reference_cache_key": key},
+            "seconds": {"data": round(t_data - t0, 1), "reference": round(t_ref - t_data, 1),
+                        "train": round(t_train - t_ref, 1), "eval": round(time.time() - t_train, 1)}}
+    atomic_write_text(os.path.join(round_dir, "meta.json"), json.dumps(meta, indent=2))
+    return out_model
+
+
+def world_pool(world, run_dir, k, n, seed):
+    """Round k's fresh unlabeled world images; their scene records go to a folder SENA never reads from."""
+    pool = os.path.join(run_dir, "pool", f"iter_{k}")
+    if not os.path.isdir(pool) or len(os.listdir(pool)) < n:
+        labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
+        os.makedirs(os.path.dirname(labels), exist_ok=True)
+        world.write_split(pool, n, seed=seed * 1000 + k, prefix=f"pool{k}", labels_path=labels)
+    return pool
+
+
+def base_model(args, world):
+    if args.base:
+        return args.base
+    return world.build_theta0(args.run_dir, seed=args.seed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = None
+    if args.base is None:
+        from sena import world  # the embedded world: θ0, image pools and the labeled test set
+    elif not (args.images or args.image_list):
+        raise SystemExit("--base needs --images DIR or --image-list JSON")
+    os.makedirs(args.run_dir, exist_ok=True)
+    rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))
+    t0 = time.time()
+    for k in rounds:
+        run_round(args, k, world)
+    if world and not args.no_eval:
+        theta0 = base_model(args, world)
+        if not os.path.exists(os.path.join(theta0, "metrics.json")):
+            evaluate.main(["--model", theta0, "--test-dir", os.path.join(args.run_dir, "test")])
+        models = [base_model(args, world)] + [os.path.join(args.run_dir, f"iter_{k}", "model")
+                                             for k in range(1, max(rounds) + 1)]
+        evaluate.main(["--compare"] + [m for m in models if os.path.exists(m)])
+    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
