@@ -36,14 +36,17 @@ def generate(model, input_ids, pixel_values=None, image_features=None, max_new_t
     input_ids: list of B token lists (image prompts hold n_image_tokens image tokens). pixel_values (n_img, 3, S, S)
     or image_features (n_img, N, D) (Llava.encode_images output) fill the image tokens in batch order, one image per
     image prompt. eos_token_id: int or list (default config.eos_token_id). pad_token_id: only fills the padding
-    (default config.pad_token_id, else the EOS). stop_strings: a row also stops once its decoded new text contains
-    one of them (needs tokenizer); the tokens that complete the stop string are kept, as transformers does.
+    (default config.pad_token_id, else config.eos_token_id; it is masked out, so its value never matters).
+    stop_strings: a row also stops once its decoded new text contains one of them (needs tokenizer); the tokens
+    that complete the stop string are kept, as transformers does.
     """
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
     if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else min(eos_ids, default=0)
+        pad_token_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+    if not 0 <= pad_token_id < cfg.text.vocab_size:  # pads are masked out; any embeddable id will do
+        pad_token_id = 0
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated tokens")
     if isinstance(stop_strings, str):

@@ -70,6 +70,8 @@ def test_pixel_values_path_and_max_new_tokens():
     b = generate(model, ps, image_features=model.encode_images(pixels), max_new_tokens=5, eos_token_id=-1)
     assert a == b and [len(x) for x in a] == [5, 5]
     assert generate(model, ps, pixel_values=pixels, max_new_tokens=0) == [[], []]
+    model.config.pad_token_id = None  # padding falls back to an embeddable id even when eos is a sentinel
+    assert generate(model, ps, pixel_values=pixels, max_new_tokens=5, eos_token_id=-1) == a
 
 
 class CharTokenizer:
