@@ -45,9 +45,10 @@ LOWER_IS_BETTER = ("chair_i", "chair_s", "amber_chair", "amber_hal", "amber_cog"
 # ---------------------------------------------------------------------------------------- POPE answer files
 
 
-def read_lines(path, check):
-    """Records of a JSON-lines file; a bad line is reported with file and line number, skipped and counted."""
-    records, bad = [], 0
+def read_by_id(path, check):
+    """{question_id: record} of a JSON-lines file. A bad line (not JSON, failing `check`, or repeating an earlier
+    question_id) is reported with file and line number, skipped and counted: returns (records, n_bad)."""
+    records, bad = {}, 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -57,11 +58,13 @@ def read_lines(path, check):
                 problem = check(rec) if isinstance(rec, dict) else "not a JSON object"
             except json.JSONDecodeError as e:
                 problem = f"not valid JSON ({e.msg})"
+            if not problem and rec["question_id"] in records:
+                problem = f"repeats question_id {rec['question_id']!r} (the first one counts)"
             if problem:
                 print(f"{path}:{n}: {problem}; line skipped", file=sys.stderr)
                 bad += 1
                 continue
-            records.append(rec)
+            records[rec["question_id"]] = rec
     return records, bad
 
 
@@ -81,18 +84,6 @@ def _check_answer(rec):
     return None
 
 
-def _unique_ids(records, path, what):
-    """{question_id: record}, keeping the first of repeated ids (each repeat is reported and counted as bad)."""
-    by_id, bad = {}, 0
-    for rec in records:
-        if rec["question_id"] in by_id:
-            print(f"{path}: repeated {what} question_id {rec['question_id']!r}; later one skipped", file=sys.stderr)
-            bad += 1
-            continue
-        by_id[rec["question_id"]] = rec
-    return by_id, bad
-
-
 def score_pope_files(question_files, answer_files):
     """{split: metrics} for paired question/answer files (matched on question_id), plus 'mean_f1' over splits.
 
@@ -104,13 +95,11 @@ def score_pope_files(question_files, answer_files):
         raise SystemExit(f"{len(question_files)} question files but {len(answer_files)} answer files")
     results = {}
     for qf, af in zip(question_files, answer_files):
-        qs, bad_q = read_lines(qf, _check_question)
-        ans, bad_a = read_lines(af, _check_answer)
-        qs, rep_q = _unique_ids(qs, qf, "question")
-        ans, rep_a = _unique_ids(ans, af, "answer")
+        qs, bad_q = read_by_id(qf, _check_question)
+        ans, bad_a = read_by_id(af, _check_answer)
         ids = [i for i in qs if i in ans]
         m = M.pope_metrics([ans[i].get("answer", ans[i].get("text")) for i in ids], [qs[i]["label"] for i in ids])
-        m.update(n_bad=bad_q + bad_a + rep_q + rep_a, n_missing=len(qs) - len(ids),
+        m.update(n_bad=bad_q + bad_a, n_missing=len(qs) - len(ids),
                  n_unmatched=sum(i not in qs for i in ans))  # fmt: skip
         base = os.path.basename(qf)
         split = next((s for s in SPLITS if s in base), os.path.splitext(base)[0])
@@ -153,7 +142,7 @@ def summary(m):
         for k, short in (("accuracy", "acc"), ("f1", "f1"), ("yes_ratio", "yes")):
             s[f"pope_{split}_{short}"] = m["pope"][split][k]
     s["pope_mean_f1"] = m["pope"]["mean_f1"]
-    s.update({k: m["chair"][k] for k in ("chair_i", "chair_s", "recall")})
+    s.update({"chair_i": m["chair"]["chair_i"], "chair_s": m["chair"]["chair_s"], "chair_recall": m["chair"]["recall"]})
     s.update({f"amber_{k}": v for k, v in m["amber"]["generative"].items() if k != "cog_share_of_hallucinated"})
     for dim in ("existence", "attribute", "relation", "all"):
         s[f"amber_f1_{dim}"] = m["amber"]["discriminative"][dim]["f1"]
@@ -170,8 +159,11 @@ def compare(paths):
         f = os.path.join(p, "metrics.json") if os.path.isdir(p) else p
         with open(f) as fh:
             runs.append((p, summary(json.load(fh))))
-    names = [os.path.basename(os.path.normpath(os.path.dirname(p) if p.endswith(".json") else p)) for p, _ in runs]
-    print(f"{'metric (%)':<26}" + "".join(f"{n[:20]:>22}" for n in names))
+    # Columns are named by the paths below their common folder: runs/x/theta0, runs/x/iter_1/model -> theta0, ...
+    dirs = [os.path.abspath(os.path.dirname(p) if p.endswith(".json") else p) for p in paths]
+    common = os.path.commonpath(dirs) if len(set(dirs)) > 1 else os.path.dirname(dirs[0])
+    names = [os.path.relpath(d, common) for d in dirs]
+    print(f"{'metric (%)':<26}" + "".join(f"{n[-20:]:>22}" for n in names))
     for key in runs[0][1]:
         cells = []
         for i, (_, s) in enumerate(runs):
@@ -200,7 +192,7 @@ def build_requests(scenes, seed, pope_k):
     images = [{"image": sc["image"], "objects": [o["shape"] for o in sc["objects"]]} for sc in scenes]
     chosen = M.pope_select(images, pope_k, None, random.Random(seed))
     for split in SPLITS:
-        for q in M.pope_sample(chosen, pope_k, split, random.Random(seed), template=exist_t):
+        for q in M.pope_sample(chosen, pope_k, split, random.Random(seed), exist_t, SHAPES):
             reqs.append({"task": "pope", "split": split, "image": q["image"], "prompt": q["text"] + P.GEN_SUFFIX,
                          "gold": q["label"], "question_id": q["question_id"], "text": q["text"]})  # fmt: skip
     for i, sc in enumerate(scenes):
@@ -372,14 +364,15 @@ def answer_requests(model, tok, image_cfg, reqs, image_dir, batch_size, max_new_
 
 def load_test_scenes(test_dir, n, seed):
     """The held-out scenes: labels at <test_dir>.jsonl (outside the image folder), written once from `seed`."""
-    from sena.world import load_scenes, write_split
-
     labels = os.path.normpath(test_dir) + ".jsonl"
     if not (os.path.isfile(labels) and os.path.isdir(test_dir)):
+        from sena.world import write_split
+
         print(f"writing the world test split: {n} scenes, seed {seed} -> {test_dir}, labels {labels}")
         os.makedirs(test_dir, exist_ok=True)
         write_split(test_dir, n, seed, "test", labels)
-    return load_scenes(labels)
+    with open(labels, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def print_table(m):

@@ -86,7 +86,7 @@ def pope_statistics(images):
     return by_freq, by_co
 
 
-def pope_sample(images, k, strategy, rng, template="Is there a {} in the image?"):
+def pope_sample(images, k, strategy, rng, template="Is there a {} in the image?", pool=None):
     """POPE questions for `images`: per image, its first k objects as 'yes' questions, each followed by a negative.
 
     images: the already selected images (official: a random sample of those with >= k objects; see
@@ -95,12 +95,15 @@ def pope_sample(images, k, strategy, rng, template="Is there a {} in the image?"
       random      — uniform over all objects seen in `images` (rejection sampling with rng.choice, as official);
       popular     — the most frequent object overall;
       adversarial — the object that co-occurs most often with *this* positive object;
-    popular/adversarial fall back to random when their list runs out. Returns dicts with question_id (from 1),
-    image, text, label, object — the official question-file fields plus the object.
+    popular/adversarial fall back to random when their list runs out. pool: the objects random draws from
+    (default, as official: every object seen in `images`; a small world test set passes its full vocabulary, since
+    a few images may not hold enough distinct objects). Returns dicts with question_id (from 1), image, text,
+    label, object — the official question-file fields plus the object.
     """
     if strategy not in ("random", "popular", "adversarial"):
         raise ValueError(f"unknown POPE strategy {strategy!r}")
     by_freq, by_co = pope_statistics(images)
+    pool = list(pool) if pool is not None else by_freq
     questions = []
 
     def add(image, obj, label):
@@ -119,11 +122,11 @@ def pope_sample(images, k, strategy, rng, template="Is there a {} in the image?"
             ranked = {"random": [], "popular": by_freq, "adversarial": by_co.get(pos, [])}[strategy]
             neg = next((o for o in ranked if o not in used and o not in im["objects"]), None)
             if neg is None:
-                if not any(o not in used and o not in im["objects"] for o in by_freq):
+                if not any(o not in used and o not in im["objects"] for o in pool):
                     raise ValueError(f"{im['image']}: no object left to ask about as a negative")
-                neg = rng.choice(by_freq)
+                neg = rng.choice(pool)
                 while neg in used or neg in im["objects"]:
-                    neg = rng.choice(by_freq)
+                    neg = rng.choice(pool)
             used.append(neg)
             add(im["image"], neg, "no")
     return questions

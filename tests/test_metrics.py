@@ -211,3 +211,13 @@ def test_pope_select_and_article():
     assert pope_question("dog") == "Is there a dog in the image?"
     with pytest.raises(ValueError):
         pope_sample(HAND, 3, "popular", random.Random(0))  # A has only 2 objects
+
+
+def test_pope_pool_for_small_sets():
+    # One image with 3 of 4 seen objects cannot get 3 distinct absent negatives from what it has seen...
+    images = [{"image": "A", "objects": ["cat", "dog", "cow"]}, {"image": "B", "objects": ["pig"]}]
+    with pytest.raises(ValueError, match="no object left"):
+        pope_sample(images[:1] + [{"image": "B", "objects": ["pig", "cat", "dog"]}], 3, "random", random.Random(0))
+    # ...but can from the full vocabulary, and the negatives then come from outside the image.
+    qs = pope_sample(images[:1], 3, "random", random.Random(0), pool=["cat", "dog", "cow", "pig", "owl", "bee"])
+    assert sorted(o for _, o in _negatives(qs)) == ["bee", "owl", "pig"]
