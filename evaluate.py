@@ -1,6 +1,6 @@
 """Benchmarks of a LLaVA model on the embedded world, POPE answer-file scoring, and side-by-side comparison.
 
-    python evaluate.py --model runs/x/iter_1/model [--test-dir runs/world_test] [--out PATH] [--batch-size 32]
+    python evaluate.py --model runs/x/iter_1/model [--test-dir runs/world/test] [--out PATH] [--batch-size 32]
         Greedy answers on held-out world scenes (built with sena.world.write_split from a fixed seed if missing):
         POPE random/popular/adversarial, CHAIR_i/CHAIR_s/recall and AMBER generative on descriptions, AMBER
         discriminative F1 (existence, attribute, relation; "No" positive) and AMBER score, VQA accuracy per type,
@@ -362,17 +362,22 @@ def answer_requests(model, tok, image_cfg, reqs, image_dir, batch_size, max_new_
         r["answer"] = done[(r["image"], r["prompt"])]
 
 
-def load_test_scenes(test_dir, n, seed):
-    """The held-out scenes: labels at <test_dir>.jsonl (outside the image folder), written once from `seed`."""
-    labels = os.path.normpath(test_dir) + ".jsonl"
-    if not (os.path.isfile(labels) and os.path.isdir(test_dir)):
+def load_test_scenes(test_dir, labels, n, seed):
+    """The held-out scenes and their labels path. Labels live outside the image folder, at `labels` or by default
+    <test_dir>_labels.jsonl (the world's convention; <test_dir>.jsonl is accepted too). A missing split is written
+    once from `seed`; a folder that holds images but no labels is an error, never overwritten."""
+    base = os.path.normpath(test_dir)
+    labels = labels or next((p for p in (base + "_labels.jsonl", base + ".jsonl") if os.path.isfile(p)), None)
+    if labels is None or not os.path.isfile(labels):
+        if os.path.isdir(test_dir) and os.listdir(test_dir):
+            raise SystemExit(f"{test_dir} holds files but its labels ({labels or base + '_labels.jsonl'}) are missing")
         from sena.world import write_split
 
+        labels = labels or base + "_labels.jsonl"
         print(f"writing the world test split: {n} scenes, seed {seed} -> {test_dir}, labels {labels}")
-        os.makedirs(test_dir, exist_ok=True)
         write_split(test_dir, n, seed, "test", labels)
     with open(labels, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()], labels
 
 
 def print_table(m):
@@ -388,7 +393,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hugging Face LLaVA directory to evaluate (metrics.json is written inside)")
     p.add_argument("--compare", nargs="+", metavar="DIR_OR_JSON", help="print these metrics.json side by side")
-    p.add_argument("--test-dir", default="runs/world_test", help="held-out world images (labels: <dir>.jsonl)")
+    p.add_argument("--test-dir", default="runs/world/test", help="held-out world images (labels: <dir>_labels.jsonl)")
+    p.add_argument("--test-labels", default=None, help="scene records of --test-dir (default <dir>_labels.jsonl)")
     p.add_argument("--n-test", type=int, default=200, help="number of test scenes written when the split is missing")
     p.add_argument("--test-seed", type=int, default=424242, help="seed of the test split (keep apart from training)")
     p.add_argument("--seed", type=int, default=0, help="seed of the question sampling over the test scenes")
@@ -413,12 +419,13 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, image_cfg = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
     model.eval()
-    scenes = load_test_scenes(args.test_dir, args.n_test, args.test_seed)
+    scenes, labels = load_test_scenes(args.test_dir, args.test_labels, args.n_test, args.test_seed)
     t0 = time.time()
     caps = {True: args.max_new_tokens_short, False: args.max_new_tokens}
     answer_fn = lambda rs: answer_requests(model, tok, image_cfg, rs, args.test_dir, args.batch_size, caps)  # noqa
     m, reqs = run_benchmarks(scenes, answer_fn, args.seed, args.pope_k)
     m["meta"] = {"model": os.path.abspath(args.model), "test_dir": os.path.abspath(args.test_dir),
+                 "test_labels": os.path.abspath(labels),
                  "n_scenes": len(scenes), "test_seed": args.test_seed, "seed": args.seed, "pope_k": args.pope_k,
                  "n_prompts": len({(r["image"], r["prompt"]) for r in reqs}), "seconds": time.time() - t0,
                  "device": device, "dtype": args.dtype}  # fmt: skip

@@ -215,7 +215,7 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
     scenes = sample_scenes(4, seed=3, prefix="test")
     for sc in scenes:
         render(sc).save(test_dir / sc["image"])
-    (tmp_path / "world_test.jsonl").write_text("".join(json.dumps(sc) + "\n" for sc in scenes))
+    (tmp_path / "world_test_labels.jsonl").write_text("".join(json.dumps(sc) + "\n" for sc in scenes))
     m = E.main(["--model", str(tmp_path / "model"), "--test-dir", str(test_dir), "--batch-size", "16",
                 "--max-new-tokens", "6", "--max-new-tokens-short", "3", "--device", "cpu"])  # fmt: skip
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
@@ -228,3 +228,18 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
     for r in answers:
         assert seen.setdefault((r["image"], r["prompt"]), r["answer"]) == r["answer"]
     assert "pope_mean_f1" in capsys.readouterr().out
+
+
+def test_test_split_written_once_and_never_overwritten(tmp_path):
+    world = pytest.importorskip("sena.world")
+    if not hasattr(world, "write_split"):
+        pytest.skip("sena.world.write_split not available yet")
+    d = tmp_path / "test"
+    scenes, labels = E.load_test_scenes(str(d), None, 3, 5)
+    assert labels == str(tmp_path / "test_labels.jsonl") and len(scenes) == 3
+    assert sorted(os.listdir(d)) == sorted(sc["image"] for sc in scenes)  # images only in the folder
+    again, _ = E.load_test_scenes(str(d), None, 99, 6)  # present: read back, not rewritten
+    assert again == scenes
+    os.remove(labels)
+    with pytest.raises(SystemExit, match="labels"):
+        E.load_test_scenes(str(d), None, 3, 5)
