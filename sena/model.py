@@ -98,24 +98,25 @@ class ModelConfig:
         """Read a transformers LlavaConfig dict (4.x or 5.x); refuse variants this model does not implement."""
         vd = _VISION_DEFAULTS if d.get("vision_config") is None else _CLIP_DEFAULTS | d["vision_config"]
         td = _LLAMA_DEFAULTS | (d.get("text_config") or {})
+        rope = td.get("rope_parameters") or td.get("rope_scaling") or {}  # 5.x name, then 4.x name
         checks = {"vision_feature_select_strategy": (d.get("vision_feature_select_strategy", "default"), "default"),
                   "multimodal_projector_bias": (d.get("multimodal_projector_bias", True), True),
                   "text model_type": (td.get("model_type", "llama"), "llama"),
                   "text hidden_act": (td.get("hidden_act", "silu"), "silu"),
                   "attention_bias": (td.get("attention_bias", False), False),
                   "mlp_bias": (td.get("mlp_bias", False), False),
-                  "rope_type": (((td.get("rope_parameters") or td.get("rope_scaling") or {}).get("rope_type")
-                                 or "default"), "default")}
+                  "rope_type": (rope.get("rope_type", rope.get("type")) or "default", "default")}
         for name, (got, want) in checks.items():
             if got != want:
                 raise ValueError(f"unsupported LLaVA config: {name}={got!r} (this model implements {want!r})")
         if not isinstance(d.get("vision_feature_layer", -2), int):
             raise ValueError("unsupported LLaVA config: vision_feature_layer must be one int")
-        rope_theta = (td.get("rope_parameters") or {}).get("rope_theta", td.get("rope_theta", 10000.0))
+        rope_theta = rope.get("rope_theta", td.get("rope_theta", 10000.0))
+        head_dim = td.get("head_dim")  # kept only when it is not the default hidden // heads
         tie = bool(d.get("tie_word_embeddings") or td.get("tie_word_embeddings"))
         text = TextConfig(**{k: td[k] for k in _LLAMA_DEFAULTS}, num_key_value_heads=td.get("num_key_value_heads")
                           or td["num_attention_heads"], rope_theta=float(rope_theta), tie_word_embeddings=tie,
-                          head_dim=td.get("head_dim"))
+                          head_dim=None if head_dim == td["hidden_size"] // td["num_attention_heads"] else head_dim)
         pick = lambda k, default: td[k] if td.get(k) is not None else d.get(k, default)  # noqa: E731
         return cls(VisionConfig(**{k: vd[k] for k in _CLIP_DEFAULTS}), text,
                    image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
