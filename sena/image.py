@@ -43,24 +43,23 @@ def load_image(path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def _size(cfg: dict) -> tuple[int | None, int, int]:
-    """(shortest_edge or None, crop height, crop width) from a preprocessor_config's size / crop_size."""
+def _size(cfg: dict) -> tuple[dict, int, int]:
+    """(size dict: shortest_edge or height/width, crop height, crop width) from a preprocessor_config."""
     size, crop = cfg.get("size", {}), cfg.get("crop_size")
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
-    short = size.get("shortest_edge")
+    size = {"shortest_edge": size} if isinstance(size, int) else size
     if crop is None:
-        crop = {"height": size.get("height", short), "width": size.get("width", short)}
+        crop = {"height": size.get("height", size.get("shortest_edge")),
+                "width": size.get("width", size.get("shortest_edge"))}
     elif isinstance(crop, int):
         crop = {"height": crop, "width": crop}
-    return short, crop["height"], crop["width"]
+    return size, crop["height"], crop["width"]
 
 
 def preprocess(img: Image.Image, image_cfg: dict) -> torch.Tensor:
     """PIL image -> (3, S, S) float32: pad to square with the mean colour, bicubic resize, crop, rescale, normalize."""
     img = to_rgb(img)
     mean, std = image_cfg.get("image_mean", CLIP_MEAN), image_cfg.get("image_std", CLIP_STD)
-    short, crop_h, crop_w = _size(image_cfg)
+    size, crop_h, crop_w = _size(image_cfg)
     if image_cfg.get("do_pad", True) and img.width != img.height:
         # The mean colour as uint8 (int() truncates, as LLaVA and transformers do), the image centred.
         side = max(img.size)
@@ -69,10 +68,11 @@ def preprocess(img: Image.Image, image_cfg: dict) -> torch.Tensor:
         img = canvas
     if image_cfg.get("do_resize", True):
         w, h = img.size
+        short = size.get("shortest_edge")
         if short is not None:  # shortest edge -> short, the long edge scaled and truncated like transformers
             new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         else:
-            new = (crop_w, crop_h)
+            new = (size["width"], size["height"])
         img = img.resize(new, resample=Image.Resampling(image_cfg.get("resample", 3)))
     x = np.array(img)  # (H, W, 3) uint8, a writable copy
     if image_cfg.get("do_center_crop", True):

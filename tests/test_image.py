@@ -44,6 +44,15 @@ def test_crop_path_equals_clip_image_processor(tmp_path):
     assert (ours - preprocess(img, default_image_cfg(32))).abs().max() > 0.1  # padding really changes the input
 
 
+def test_height_width_size_config(tmp_path):
+    """size given as height/width (a square resize, no shortest edge), then a smaller center crop."""
+    cfg = default_image_cfg(32) | {"size": {"height": 40, "width": 40}, "crop_size": {"height": 32, "width": 32}}
+    img = noise_image(50, 23, seed=2)
+    ours, ref = preprocess(img, cfg), theirs(cfg, img, tmp_path)
+    assert ours.shape == ref.shape == (3, 32, 32)
+    assert (ours - ref).abs().max().item() <= 1e-6
+
+
 def test_padding_is_the_mean_colour_and_normalizes_to_about_zero():
     """A wide black strip: the padded rows are int(mean*255) grey, which normalizes to (int(m*255)/255 - m) / s."""
     img = Image.new("RGB", (32, 8), (0, 0, 0))
