@@ -404,7 +404,8 @@ class Llava(nn.Module):
         """Next-token logits (B, T, V) in the model dtype; logits[:, t] predicts input_ids[:, t+1].
 
         input_ids (B, T) hold n_image_tokens copies of image_token_index per image; the rows of pixel_values
-        (n_img, 3, S, S) or image_features (n_img, N, D) fill them in reading order (row-major over the batch).
+        (n_img, 3, S, S) or image_features (n_img, N, D) fill them in reading order (row-major over the batch);
+        with neither, image tokens are embedded as ordinary tokens (as transformers does).
         attention_mask (B, T_past+T): 1 real, 0 pad. position_ids default cumsum(mask)-1. cache: a KVCache,
         extended in place. logits_slice: int, slice or 1-D index over T (-> (B, T', V)), or a (B, T) bool mask
         (-> (n_true, V)); lm_head then runs only on those positions.
