@@ -80,3 +80,21 @@ def build_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"}, clean_up_tokenization_spaces=False,
         padding_side="left", model_max_length=2048)
+
+
+def save_tokenizer(tok, out_dir):
+    """tok.save_pretrained plus the files older loaders look for (class name, special_tokens_map.json)."""
+    import json
+    import os
+
+    tok.save_pretrained(out_dir)
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+               "additional_special_tokens": ["<image>"]}
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)

@@ -1,0 +1,229 @@
+"""Build the embedded world: θ0 (a tiny LLaVA trained from scratch on the labeled world mix) and image splits.
+
+    python -m sena.world.build --out runs/world --seed 0
+
+writes runs/world/theta0/ (a Hugging Face LLaVA directory), runs/world/pool/*.png with runs/world/pool_labels.jsonl
+beside it (never inside: SENA sees the folder, which holds images only), and runs/world/test/ + test_labels.jsonl.
+θ0 is cached: a complete runs/world/theta0 (meta.json says complete) is reused with a message.
+
+Training is a plain loop: AdamW, linear warmup then cosine decay, fp32 on the CPU, loss = mean token cross-entropy
+over answer tokens. Everything is seeded (scenes, task draws, batch order, init), so the same seed on the same
+machine and thread count gives identical weights.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sena.chat import build_example, collate
+from sena.image import default_image_cfg
+from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
+from sena.world.render import IMAGE_SIZE, render
+from sena.world.scenes import COOC, sample_scenes
+from sena.world.tasks import Noise, sample_examples
+from sena.world.tokenizer import build_tokenizer, save_tokenizer
+
+# θ0's shape: 72 px / 12 px patches -> 36 image tokens; ~2.3M parameters (see build_theta0's docstring).
+MODEL = dict(vision_hidden=128, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
+             text_kv_heads=2, text_intermediate=512, patch=12)
+TRAIN = dict(steps=700, batch_size=32, n_images=6000, per_image=4, lr=2e-3, warmup=50, weight_decay=0.01)
+THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
+
+
+def load_scenes(path) -> list[dict]:
+    """Scene records from a jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_split(out_dir, n, seed, prefix, labels_path, cooc=COOC) -> list[dict]:
+    """Render n seeded scenes to out_dir/<id>.png; their records go to labels_path, which must lie outside out_dir."""
+    out_dir, labels_path = os.path.abspath(out_dir), os.path.abspath(labels_path)
+    if os.path.commonpath([out_dir, labels_path]) == out_dir:
+        raise ValueError(f"labels {labels_path} must not be inside the image folder {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(labels_path), exist_ok=True)
+    scenes = sample_scenes(n, seed, prefix, cooc)
+    for sc in scenes:
+        render(sc).save(os.path.join(out_dir, sc["image"]), optimize=False)
+    with open(labels_path, "w") as f:
+        for sc in scenes:
+            f.write(json.dumps(sc) + "\n")
+    return scenes
+
+
+def model_config(tok, **over) -> ModelConfig:
+    m = MODEL | over
+    vision = VisionConfig(hidden_size=m["vision_hidden"], intermediate_size=4 * m["vision_hidden"],
+                          num_hidden_layers=m["vision_layers"], num_attention_heads=m["vision_heads"],
+                          image_size=IMAGE_SIZE, patch_size=m["patch"])
+    text = TextConfig(vocab_size=len(tok), hidden_size=m["text_hidden"], intermediate_size=m["text_intermediate"],
+                      num_hidden_layers=m["text_layers"], num_attention_heads=m["text_heads"],
+                      num_key_value_heads=m["text_kv_heads"], max_position_embeddings=512)
+    return ModelConfig(vision, text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
+def pixels(images_uint8: torch.Tensor, image_cfg: dict) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> normalized float32, the same arithmetic as sena.image.preprocess at native size."""
+    x = (images_uint8.double() * image_cfg["rescale_factor"]).float()
+    mean = torch.tensor(image_cfg["image_mean"], dtype=torch.float32)[:, None, None]
+    std = torch.tensor(image_cfg["image_std"], dtype=torch.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def make_batches(rng, lengths, batch_size, n_batches):
+    """Index batches: shuffled, then sorted by length within windows of 16 batches (less padding), order shuffled."""
+    order = []
+    while len(order) < n_batches * batch_size:
+        idx = list(range(len(lengths)))
+        rng.shuffle(idx)
+        order += idx
+    order = order[: n_batches * batch_size]
+    batches, window = [], 16 * batch_size
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s: s + window], key=lambda i: lengths[i])
+        batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warmup to lr, then cosine decay to lr/10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _complete(path) -> bool:
+    if not all(os.path.isfile(os.path.join(path, f)) for f in THETA0_FILES):
+        return False
+    with open(os.path.join(path, "meta.json")) as f:
+        return bool(json.load(f).get("complete"))
+
+
+def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_every=50, model_over=None,
+                 **train_over) -> str:
+    """Train θ0 on the world mix and save it to run_dir/theta0 (skipped when a complete one is there).
+
+    Sizes: 72 px images with 12 px patches give 36 image tokens, so a sequence is ~70 prefix tokens (system line +
+    image) plus the prompt and answer; a 4-layer, 192-wide Llama and a 3-layer, 128-wide ViT (~2.3M parameters)
+    learn colours, shapes, positions and every output format within the budget of a few minutes on 2 cores.
+    train_over: steps, batch_size, n_images, per_image, lr, warmup, weight_decay (defaults in TRAIN).
+    Returns the path of the saved directory.
+    """
+    out = os.path.join(run_dir, "theta0")
+    if _complete(out):
+        print(f"theta0: {out} exists and is complete; reusing it")
+        return out
+    t0, c0 = time.time(), time.process_time()
+    noise = noise or Noise()
+    tr = TRAIN | train_over
+    torch.set_num_threads(threads or os.cpu_count())
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = build_tokenizer()
+    image_cfg = default_image_cfg(IMAGE_SIZE)
+    config = model_config(tok, **(model_over or {}))
+    model = Llava(config)
+    n_tok, img_id = config.n_image_tokens, config.image_token_index
+
+    # Data: seeded scenes, rendered once as uint8; several examples per image; token ids built once.
+    scenes = sample_scenes(tr["n_images"], seed=rng.randrange(2**31), prefix="train")
+    images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2)  # (N,3,S,S)
+    examples, owner, kinds = [], [], []
+    for i, sc in enumerate(scenes):
+        for kind, user, answer in sample_examples(rng, sc, tr["per_image"], noise):
+            examples.append(build_example(tok, user, answer, n_tok, img_id))
+            owner.append(i)
+            kinds.append(kind)
+    batches = make_batches(rng, [len(e[0]) for e in examples], tr["batch_size"], tr["steps"])
+    t_data = time.time() - t0
+    print(f"theta0: {len(scenes)} images, {len(examples)} examples ready in {t_data:.1f}s; "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {tr['steps']} steps")
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tr["lr"], betas=(0.9, 0.98))
+    model.train()
+    log = []
+    for step, idx in enumerate(batches):
+        batch = collate([examples[i] for i in idx], config.pad_token_id)
+        pv = pixels(images[[owner[i] for i in idx]], image_cfg)
+        # Logits only where a label follows: position t predicts token t+1.
+        labels = batch["labels"]
+        sel = torch.zeros_like(labels, dtype=torch.bool)
+        sel[:, :-1] = labels[:, 1:] != -100
+        logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=pv, logits_slice=sel)  # (n, V)
+        loss = F.cross_entropy(logits.float(), labels[:, 1:][sel[:, :-1]])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.append(loss.item())
+        if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
+            avg = sum(log[-log_every:]) / len(log[-log_every:])
+            print(f"theta0 step {step:04d}/{tr['steps']} | loss {avg:.4f} | gnorm {gnorm:.2f} | "
+                  f"lr {opt.param_groups[0]['lr']:.2e} | {time.time() - t0:.0f}s wall, "
+                  f"{time.process_time() - c0:.0f}s cpu")
+
+    # Save to a temporary folder, then rename, so an interrupted build never looks complete.
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval()
+    save_pretrained(model, tmp, tokenizer=None, image_cfg=image_cfg)
+    save_tokenizer(tok, tmp)
+    meta = {"complete": True, "seed": seed, "train": tr, "model": MODEL | (model_over or {}), "noise": vars(noise),
+            "threads": torch.get_num_threads(), "final_loss": sum(log[-20:]) / max(1, len(log[-20:])),
+            "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
+            "data_seconds": round(t_data, 1),
+            "weights_sha256": weights_hash(model), "n_examples": len(examples)}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"theta0: saved {out} in {meta['seconds']}s (final loss {meta['final_loss']:.4f})")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Build the embedded world: θ0 and the pool/test image splits.")
+    ap.add_argument("--out", default="runs/world", help="output directory")
+    ap.add_argument("--seed", type=int, default=0, help="seed for scenes, data order and init")
+    ap.add_argument("--n-pool", type=int, default=3000, help="unlabeled pool images (for SENA rounds)")
+    ap.add_argument("--n-test", type=int, default=500, help="held-out test images (benchmarks)")
+    ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="θ0 optimizer steps")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = ap.parse_args(argv)
+    build_theta0(args.out, seed=args.seed, threads=args.threads, steps=args.steps)
+    # Split seeds differ from the training-scene seed stream, so test scenes are held out.
+    for name, n, off in (("pool", args.n_pool, 1000), ("test", args.n_test, 2000)):
+        labels = os.path.join(args.out, f"{name}_labels.jsonl")
+        if not os.path.isfile(labels):
+            write_split(os.path.join(args.out, name), n, args.seed + off, name, labels)
+            print(f"{name}: {n} images in {os.path.join(args.out, name)}, labels in {labels}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The embedded world: determinism, co-occurrence, tokenizer round trip, oracle answers, the θ0 builder."""
+
+import io
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from sena import prompts as P
+from sena.chat import encode_prompt
+from sena.world import (
+    BUDDIES,
+    COOC,
+    SHAPES,
+    buddy_rate,
+    describe,
+    mentioned_shapes,
+    oracle_answer,
+    precise_answer,
+    question_type,
+    render,
+    sample_scenes,
+)
+from sena.world.tasks import KINDS, Noise, make_example, sample_examples
+from sena.world.tokenizer import build_tokenizer, save_tokenizer, world_texts
+
+
+def _obj(shape, color, size, row, col):
+    pos = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+    return {"shape": shape, "color": color, "size": size, "pos": pos[3 * row + col], "row": row, "col": col}
+
+
+# A hand-made scene: red circle top left, large blue star in the center, small green square bottom right.
+SCENE = {"id": "hand", "image": "hand.png", "background": "plain", "bg_color": [128, 128, 128], "seed": 7,
+         "objects": [_obj("circle", "red", "small", 0, 0), _obj("star", "blue", "large", 1, 1),
+                     _obj("square", "green", "small", 2, 2)]}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    save_tokenizer(build_tokenizer(), str(d))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def test_same_seed_same_scenes_and_png_bytes():
+    a, b = sample_scenes(12, seed=3), sample_scenes(12, seed=3)
+    assert a == b and a != sample_scenes(12, seed=4)
+    for sa, sb in zip(a, b):
+        pa, pb = io.BytesIO(), io.BytesIO()
+        render(sa).save(pa, format="PNG")
+        render(sb).save(pb, format="PNG")
+        assert pa.getvalue() == pb.getvalue()
+    assert render(a[0]).size == (72, 72) and render(a[0]).mode == "RGB"
+
+
+def test_scene_invariants():
+    for sc in sample_scenes(500, seed=1):
+        shapes = [o["shape"] for o in sc["objects"]]
+        cells = [(o["row"], o["col"]) for o in sc["objects"]]
+        assert 1 <= len(shapes) <= 4 and len(set(shapes)) == len(shapes) and len(set(cells)) == len(cells)
+        assert cells == sorted(cells)  # reading order
+
+
+@pytest.mark.parametrize("cooc", [COOC, 0.3])
+def test_cooccurrence_rate_near_knob(cooc):
+    # n=3 scenes hold at most one pair (rate 2/3), so 0.75 lands near 0.72; 0.3 is reachable exactly.
+    rate = buddy_rate(sample_scenes(4000, seed=0, cooc=cooc))
+    assert abs(rate - cooc) < 0.05, rate
+
+
+def test_tokenizer_round_trip_and_autotokenizer(tok):
+    rng = random.Random(0)
+    texts = world_texts()
+    for sc in sample_scenes(40, seed=9):
+        for _, user, answer in sample_examples(rng, sc, 10, Noise()):
+            texts += [user, answer]
+    for t in texts:
+        ids = tok(t, add_special_tokens=False).input_ids
+        assert tok.unk_token_id not in ids, t
+        if "<image>" not in t:  # the image placeholder is a special token, dropped by skip_special_tokens
+            assert tok.decode(ids, skip_special_tokens=True) == t.lstrip(" ")
+    assert [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token] == ["<s>", "</s>", "<pad>", "<unk>"]
+    img = tok.convert_tokens_to_ids("<image>")
+    ids = encode_prompt(tok, texts[-2], 36, img)
+    assert ids.count(img) == 36 and tok.unk_token_id not in ids and ids[0] == tok.bos_token_id
+    assert tok.decode(tok("Yes, there is a small red star.").input_ids[1:]) == "Yes, there is a small red star."
+
+
+def test_oracle_answers_on_hand_scene():
+    cases = {
+        "Is there a star in the image?": "Yes", "Is there a moon in the image?": "No",
+        "Is there a blue star in the image?": "Yes", "Is there a red star in the image?": "No",
+        "Is the circle to the left of the star?": "Yes", "Is the square above the star?": "No",
+        "Is the star below the circle?": "Yes", "Is the circle to the right of the square?": "No",
+        "Is the moon above the star?": None, "What color is the square?": "green", "What color is the moon?": None,
+        "What shape is at the center?": "star", "What shape is at the top right?": None,
+        "How many objects are there?": "three", "Where is the green square?": "bottom right",
+        "Where is the red square?": None, "Where is the red circle? " + P.GEN_SUFFIX.strip(): "top left",
+    }
+    for q, want in cases.items():
+        assert oracle_answer(SCENE, q) == want, q
+    assert question_type("Is the circle above the star?") == "relation"
+    assert question_type("What is the meaning of life?") is None and oracle_answer(SCENE, "Why?") is None
+    assert describe(SCENE) == ("There is a small red circle at the top left, a large blue star in the center and "
+                               "a small green square at the bottom right.")
+    assert precise_answer(SCENE, "Is there a star in the image?") == "Yes, there is a large blue star in the center."
+    assert precise_answer(SCENE, "Is there a red star in the image?") == "No, the star is blue."
+    assert precise_answer(SCENE, "How many objects are there?") == "There are three objects."
+
+
+def test_mentioned_shapes():
+    assert mentioned_shapes("There is a small red circle and two large Squares.") == ["circle", "square"]
+    assert mentioned_shapes("A crescent, a moon, and a rhombus; stars at the start.") == ["moon", "diamond", "star"]
+    assert mentioned_shapes("Nothing here across the board.") == []
+
+
+def test_task_mix_formats_and_noise_knobs():
+    rng = random.Random(1)
+    scenes = sample_scenes(300, seed=5)
+    for sc in scenes:
+        for kind in KINDS:
+            user, answer = make_example(rng, sc, kind, Noise())
+            if kind == "check":
+                q = answer.removeprefix(P.QUESTION_MARKER + " ")
+                assert answer.startswith(P.QUESTION_MARKER) and oracle_answer(sc, q) is not None
+            if kind == "improve":
+                assert answer.startswith(P.IMPROVED_MARKER)
+            if kind == "ask":
+                assert question_type(answer) is not None
+    # Existence questions about an absent buddy: always "Yes" at rate 1, never at rate 0.
+    lone = [sc for sc in scenes if len(sc["objects"]) == 1]
+    for rates, want in (((1.0, 1.0), "Yes"), ((0.0, 0.0), "No")):
+        noise = Noise(exist_hal=rates, mix=(0, 1, 0, 0, 0))
+        from sena.world.tasks import short_answer
+
+        for sc in lone:
+            q = f"Is there a {BUDDIES[sc['objects'][0]['shape']]} in the image?"
+            assert short_answer(rng, sc, q, noise) == want
+    # Descriptions name an absent buddy at rate 1 and never at rate 0.
+    from sena.world.tasks import noisy_description
+
+    for sc in lone:
+        buddy = BUDDIES[sc["objects"][0]["shape"]]
+        assert buddy in mentioned_shapes(noisy_description(rng, sc, Noise(desc_hal=(1.0, 1.0))))
+        assert mentioned_shapes(noisy_description(rng, sc, Noise(desc_hal=(0.0, 0.0)))) == [sc["objects"][0]["shape"]]
+
+
+def test_write_split_pool_holds_only_images(tmp_path):
+    from sena.world import load_scenes, write_split
+
+    scenes = write_split(tmp_path / "pool", 5, seed=1, prefix="pool", labels_path=tmp_path / "pool_labels.jsonl")
+    assert sorted(os.listdir(tmp_path / "pool")) == sorted(s["image"] for s in scenes)
+    assert all(n.endswith(".png") for n in os.listdir(tmp_path / "pool"))
+    assert load_scenes(tmp_path / "pool_labels.jsonl") == json.loads(json.dumps(scenes))
+    with pytest.raises(ValueError):
+        write_split(tmp_path / "pool", 2, seed=1, prefix="x", labels_path=tmp_path / "pool" / "labels.jsonl")
+
+
+TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2,
+            text_kv_heads=1, text_intermediate=64)
+
+
+def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    from sena.model import load_pretrained
+    from sena.world import build_theta0
+
+    kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4)
+    a = build_theta0(str(tmp_path / "a"), **kw)
+    b = build_theta0(str(tmp_path / "b"), **kw)
+    meta_a, meta_b = (json.load(open(os.path.join(p, "meta.json"))) for p in (a, b))
+    assert meta_a["weights_sha256"] == meta_b["weights_sha256"]
+    with open(os.path.join(a, "model.safetensors"), "rb") as fa, open(os.path.join(b, "model.safetensors"), "rb") as fb:
+        assert fa.read() == fb.read()
+    capsys.readouterr()
+    assert build_theta0(str(tmp_path / "a"), **kw) == a and "reusing" in capsys.readouterr().out
+    ours, tok, _ = load_pretrained(a)
+    hf = LlavaForConditionalGeneration.from_pretrained(a).eval()
+    ids = torch.tensor([encode_prompt(tok, "Describe the image concisely.", ours.config.n_image_tokens,
+                                      ours.config.image_token_index)])
+    pv = torch.randn(1, 3, 72, 72)
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids, pixel_values=pv).logits, ours(ids, pixel_values=pv), atol=1e-5)
+    assert "<image>" in tok.get_vocab() and len(tok) == ours.config.text.vocab_size
+    assert SHAPES  # the world constants are importable beside the builder
