@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -319,15 +320,25 @@ class LanguageModel(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        # Activation checkpointing: keep only each layer's input, recompute the layer in backward (~1/3 more
+        # compute, activation memory per layer drops from ~20 tensors of (B, T, D) to one). Off by default.
+        self.gradient_checkpointing = False
 
     def forward(self, x, attention_mask=None, position_ids=None, cache=None):
-        """x (B, T, D) input embeddings -> final-norm hidden states (B, T, D)."""
+        """x (B, T, D) input embeddings -> final-norm hidden states (B, T, D).
+
+        attention_mask: (B, T_past+T) 1/0 key padding mask (causal attention is added here), or a (B, T, T) bool
+        block mask, True where query t may see key s, used as given (packed sequences; needs position_ids).
+        """
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KVCache full: {past} + {T} tokens > max_len {cache.max_len}")
         dev = x.device
-        if attention_mask is not None and attention_mask.shape[1] != past + T:
+        block = attention_mask is not None and attention_mask.dim() == 3
+        if block and (position_ids is None or cache is not None or attention_mask.shape[1:] != (T, T)):
+            raise ValueError("a (B, T, T) block attention_mask needs position_ids and no cache")
+        if attention_mask is not None and not block and attention_mask.shape[1] != past + T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, expected {past + T}")
         if position_ids is None:
             if attention_mask is None:
@@ -341,7 +352,9 @@ class LanguageModel(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hs)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = None
-        if past > 0 or (attention_mask is not None and not bool(attention_mask.all())):
+        if block:  # each query also sees itself, so a pad row attends to something (see below)
+            mask = (attention_mask.bool() | torch.eye(T, dtype=torch.bool, device=dev))[:, None]  # (B, 1, T, T)
+        elif past > 0 or (attention_mask is not None and not bool(attention_mask.all())):
             q_pos = torch.arange(past, past + T, device=dev)[:, None]  # (T, 1)
             k_pos = torch.arange(past + T, device=dev)[None, :]  # (1, S)
             mask = (k_pos <= q_pos)[None]  # (1, T, S) causal
@@ -350,8 +363,12 @@ class LanguageModel(nn.Module):
             # A left-pad query sees no real key; some SDPA kernels give NaN for an all-masked row, and a NaN
             # value times a zero weight still poisons later rows. Letting each query see itself avoids that.
             mask = (mask | (k_pos == q_pos))[:, None]  # (B or 1, 1, T, S)
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         return self.norm(x)
@@ -406,7 +423,8 @@ class Llava(nn.Module):
         input_ids (B, T) hold n_image_tokens copies of image_token_index per image; the rows of pixel_values
         (n_img, 3, S, S) or image_features (n_img, N, D) fill them in reading order (row-major over the batch);
         with neither, image tokens are embedded as ordinary tokens (as transformers does).
-        attention_mask (B, T_past+T): 1 real, 0 pad. position_ids default cumsum(mask)-1. cache: a KVCache,
+        attention_mask (B, T_past+T): 1 real, 0 pad; or a (B, T, T) bool block mask (query t sees key s) for packed
+        sequences, with explicit position_ids. position_ids default cumsum(mask)-1. cache: a KVCache,
         extended in place. logits_slice: int, slice or 1-D index over T (-> (B, T', V)), or a (B, T) bool mask
         (-> (n_true, V)); lm_head then runs only on those positions.
         """

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
+from sena.batch import pair_batch, pair_features, pair_logps, tokenize_pair
 from sena.io import sha256_file, sha256_weights
 
 FIELDS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_mean_logps", "ref_rejected_mean_logps")
@@ -21,7 +21,11 @@ def cache_key(pairs_path, ref_model_dir):
 
 @torch.no_grad()
 def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device="cpu", autocast_dtype=None):
-    """Summed and mean log-probs of every pair's chosen and rejected answer under `model`: dict of (N,) fp32."""
+    """Summed and mean log-probs of every pair's chosen and rejected answer under `model`: dict of (N,) fp32.
+
+    One shared-prefix forward per pair (sena.batch.pair_logps); the pairs of one image sit next to each other in
+    pairs.jsonl, so a batch encodes each of its images once (pair_features).
+    """
     model.eval()
     out = {f: [] for f in FIELDS}
     for s in tqdm(range(0, len(pairs), batch_size), desc="reference", leave=False, disable=None):
@@ -29,8 +33,7 @@ def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device=
         batch = {k: v.to(device) for k, v in pair_batch([tokenize_pair(tok, model.config, p) for p in chunk],
                                                          tok.pad_token_id).items()}
         with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pixels = load_pixels(chunk, image_root, image_cfg).to(device, next(model.parameters()).dtype)
-            values = pair_logps(model, batch, model.encode_images(pixels))
+            values = pair_logps(model, batch, pair_features(model, chunk, image_root, image_cfg))
         for f, v in zip(FIELDS, values):
             out[f].append(v.float().cpu())
     return {f: torch.cat(v) for f, v in out.items()}
