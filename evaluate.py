@@ -10,6 +10,9 @@
         Prints several models' metrics.json side by side (θ0, round 1, ...) with deltas against the first.
     python evaluate.py pope --questions coco_pope_random.json [...] --answers answers_random.jsonl [...]
         Scores answer files in the official POPE formats, one split per (questions, answers) pair.
+    python evaluate.py report runs/<name> [--out PATH] [--images-per-round 6]
+        Writes runs/<name>/report.html (sena/report.py): sampled pairs with right/wrong marks, the data report,
+        training curves and the benchmark table θ0 → round k, in one self-contained file.
 
 Descriptions use DESCRIBE_PROMPTS round-robin over the scenes (scene i gets prompt i mod 11) + DES_SUFFIX: SENA's
 des pairs draw from all eleven, so the benchmark measures the same distribution it trains on. All rates are
@@ -386,10 +389,24 @@ def print_table(m):
         print(f"{k + (' ↓' if k in LOWER_IS_BETTER else ''):<26}{100 * v:>10.2f}")
 
 
+def report_main(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py report", description="Write a run's self-contained report.html.")
+    p.add_argument("run_dir", help="run directory (runs/<name>) holding iter_<k>/ rounds")
+    p.add_argument("--out", default=None, help="HTML path (default: <run_dir>/report.html)")
+    p.add_argument("--images-per-round", type=int, default=6, help="images sampled per round for the pair gallery")
+    args = p.parse_args(argv)
+    from sena.report import write_report
+
+    return write_report(args.run_dir, args.out, args.images_per_round, score_pairs=score_pairs, summary=summary,
+                        lower_is_better=LOWER_IS_BETTER)  # fmt: skip
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["pope"]:
         return pope_main(argv[1:])
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hugging Face LLaVA directory to evaluate (metrics.json is written inside)")
     p.add_argument("--compare", nargs="+", metavar="DIR_OR_JSON", help="print these metrics.json side by side")
