@@ -165,8 +165,9 @@ def gallery(run_dir, r, n_images, score_pairs):
             if raw is not None and raw != p["chosen"]:
                 chosen = f'{e(raw)} <span class="arrow">→</span> <b>{e(p["chosen"])}</b>'
             else:
-                note = "" if p.get("se_accepted") else ' <span class="muted">(rewrite refused: raw kept)</span>'
-                chosen = f"<b>{e(p['chosen'])}</b>{note}"
+                why = "" if p.get("se_accepted") else "no self-enhancement" if settings.get("no_enhance") else \
+                    "rewrite refused: raw kept"
+                chosen = f"<b>{e(p['chosen'])}</b>" + (f' <span class="muted">({why})</span>' if why else "")
             rows += (f'<tr><td><b>{e(p["type"])}</b></td><td class="muted">{e(p.get("prompt"))}</td>'
                      f"<td>{chosen}{cm}</td><td>{e(p['rejected'])}{rm}</td></tr>")
         cards.append(f'<div class="card"><div class="imgs">{figs}</div><div class="muted">{e(name)}</div>'
