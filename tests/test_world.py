@@ -189,3 +189,33 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
         assert torch.allclose(hf(input_ids=ids, pixel_values=pv).logits, ours(ids, pixel_values=pv), atol=1e-5)
     assert "<image>" in tok.get_vocab() and len(tok) == ours.config.text.vocab_size
     assert SHAPES  # the world constants are importable beside the builder
+
+
+def test_shared_prefix_packing_equals_unpacked_loss_and_grads():
+    from sena.chat import build_example, collate
+    from sena.model import Llava
+    from sena.world.build import answer_loss, model_config, pack_rows
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = Llava(model_config(tok, **TINY)).double()
+    n_tok, img = model.config.n_image_tokens, model.config.image_token_index
+    rng = random.Random(2)
+    rows = [[build_example(tok, u, a, n_tok, img) for _, u, a in sample_examples(rng, sc, 3, Noise())]
+            for sc in sample_scenes(2, seed=4)]
+    pv = torch.randn(2, 3, 72, 72, dtype=torch.float64)
+    packed = pack_rows(rows, rows[0][0][0].index(img) + n_tok, tok.pad_token_id)
+    flat = collate([e for row in rows for e in row], tok.pad_token_id)
+    assert packed["input_ids"].numel() < flat["input_ids"].numel()  # the prefix is stored once per image
+
+    def loss_and_grads(batch, pixel_values):
+        model.zero_grad()
+        loss = answer_loss(model, batch, pixel_values)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    lp, gp = loss_and_grads(packed, pv)
+    lf, gf = loss_and_grads(flat, pv.repeat_interleave(3, dim=0))
+    assert torch.allclose(lp, lf, rtol=1e-10) and len(gp) == len(gf)
+    # RMSNorm rounds through float32 internally, so float64 grads agree to ~1e-8 of each tensor's scale, not 1e-15.
+    assert all(float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()) + 1e-15 for a, b in zip(gp, gf))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sena.chat import build_example, collate
+from sena.chat import build_example
 from sena.image import default_image_cfg
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
 from sena.world.render import IMAGE_SIZE, render
@@ -35,7 +35,7 @@ from sena.world.tokenizer import build_tokenizer, save_tokenizer
 # θ0's shape: 72 px / 12 px patches -> 36 image tokens; ~2.3M parameters (see build_theta0's docstring).
 MODEL = dict(vision_hidden=128, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
              text_kv_heads=2, text_intermediate=512, patch=12)
-TRAIN = dict(steps=700, batch_size=32, n_images=6000, per_image=4, lr=2e-3, warmup=50, weight_decay=0.01)
+TRAIN = dict(steps=700, batch_size=8, n_images=6000, per_image=4, lr=2e-3, warmup=50, weight_decay=0.01)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -79,6 +79,55 @@ def pixels(images_uint8: torch.Tensor, image_cfg: dict) -> torch.Tensor:
     mean = torch.tensor(image_cfg["image_mean"], dtype=torch.float32)[:, None, None]
     std = torch.tensor(image_cfg["image_std"], dtype=torch.float32)[:, None, None]
     return (x - mean) / std
+
+
+def pack_rows(examples, prefix_len, pad_token_id):
+    """Shared-prefix packing: several examples of one image in one row, the prefix (BOS, system line, image) once.
+
+    examples: list of rows, each a list of (input_ids, labels) that share their first prefix_len tokens.
+        columns   [ prefix (P) | example 1 suffix | example 2 suffix | ... | pad ]
+        positions   0 .. P-1     P .. P+n1-1        P .. P+n2-1              0
+        sees        prefix       prefix + itself    prefix + itself          itself
+    Every example token has exactly the keys and positions of its own unpacked sequence, so the loss equals that of
+    the unpacked batch (up to float summation order) at a fraction of the compute. The first token of each suffix
+    is a prompt token (label -100), so no example is ever asked to predict the next example.
+    Returns input_ids, labels, position_ids (B, T) and attention_mask, a (B, T, T) bool block mask.
+    """
+    rows = []
+    for exs in examples:
+        ids, labels, pos, seg = list(exs[0][0][:prefix_len]), [-100] * prefix_len, list(range(prefix_len)), \
+            [0] * prefix_len
+        for j, (e_ids, e_labels) in enumerate(exs):
+            assert e_ids[:prefix_len] == ids[:prefix_len], "examples of one row must share the prefix"
+            n = len(e_ids) - prefix_len
+            ids += e_ids[prefix_len:]
+            labels += e_labels[prefix_len:]
+            pos += range(prefix_len, prefix_len + n)
+            seg += [j + 1] * n
+        rows.append((ids, labels, pos, seg))
+    B, T = len(rows), max(len(r[0]) for r in rows)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # -1: padding, sees only itself
+    for b, (i, lab, p, sg) in enumerate(rows):
+        n = len(i)
+        input_ids[b, :n], labels[b, :n] = torch.tensor(i), torch.tensor(lab)
+        position_ids[b, :n], segment[b, :n] = torch.tensor(p), torch.tensor(sg)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T): key column <= query column
+    sq, sk = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
+    mask = causal & (sk >= 0) & ((sk == 0) | (sk == sq))  # (B, T, T)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+
+
+def answer_loss(model, batch, pixel_values):
+    """Mean cross-entropy over answer tokens; the LM head runs only where a label follows (t predicts t+1)."""
+    labels = batch["labels"]
+    sel = torch.zeros_like(labels, dtype=torch.bool)
+    sel[:, :-1] = labels[:, 1:] != -100
+    logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=pixel_values,
+                   position_ids=batch.get("position_ids"), logits_slice=sel)  # (n_answer_tokens, V)
+    return F.cross_entropy(logits.float(), labels[:, 1:][sel[:, :-1]])
 
 
 def make_batches(rng, lengths, batch_size, n_batches):
@@ -146,18 +195,21 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     model = Llava(config)
     n_tok, img_id = config.n_image_tokens, config.image_token_index
 
-    # Data: seeded scenes, rendered once as uint8; several examples per image; token ids built once.
+    # Data: seeded scenes rendered once as uint8. One row = one image with per_image examples (fresh task draws each
+    # time an image comes round again), packed with the shared prefix; token ids built once.
     scenes = sample_scenes(tr["n_images"], seed=rng.randrange(2**31), prefix="train")
     images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2)  # (N,3,S,S)
-    examples, owner, kinds = [], [], []
-    for i, sc in enumerate(scenes):
-        for kind, user, answer in sample_examples(rng, sc, tr["per_image"], noise):
-            examples.append(build_example(tok, user, answer, n_tok, img_id))
-            owner.append(i)
-            kinds.append(kind)
-    batches = make_batches(rng, [len(e[0]) for e in examples], tr["batch_size"], tr["steps"])
+    n_rows = tr["steps"] * tr["batch_size"]
+    rows, owner = [], []
+    for r in range(n_rows):
+        sc = scenes[r % len(scenes)]
+        rows.append([build_example(tok, user, answer, n_tok, img_id)
+                     for _, user, answer in sample_examples(rng, sc, tr["per_image"], noise)])
+        owner.append(r % len(scenes))
+    prefix_len = rows[0][0][0].index(img_id) + n_tok  # BOS + system line + "USER:" + image tokens
+    batches = make_batches(rng, [sum(len(e[0]) for e in row) for row in rows], tr["batch_size"], tr["steps"])
     t_data = time.time() - t0
-    print(f"theta0: {len(scenes)} images, {len(examples)} examples ready in {t_data:.1f}s; "
+    print(f"theta0: {len(scenes)} images, {n_rows} rows x {tr['per_image']} examples ready in {t_data:.1f}s; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {tr['steps']} steps")
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -167,14 +219,8 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     model.train()
     log = []
     for step, idx in enumerate(batches):
-        batch = collate([examples[i] for i in idx], config.pad_token_id)
-        pv = pixels(images[[owner[i] for i in idx]], image_cfg)
-        # Logits only where a label follows: position t predicts token t+1.
-        labels = batch["labels"]
-        sel = torch.zeros_like(labels, dtype=torch.bool)
-        sel[:, :-1] = labels[:, 1:] != -100
-        logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=pv, logits_slice=sel)  # (n, V)
-        loss = F.cross_entropy(logits.float(), labels[:, 1:][sel[:, :-1]])
+        batch = pack_rows([rows[i] for i in idx], prefix_len, config.pad_token_id)
+        loss = answer_loss(model, batch, pixels(images[[owner[i] for i in idx]], image_cfg))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"])
         opt.zero_grad(set_to_none=True)
@@ -198,7 +244,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
             "threads": torch.get_num_threads(), "final_loss": sum(log[-20:]) / max(1, len(log[-20:])),
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
             "data_seconds": round(t_data, 1),
-            "weights_sha256": weights_hash(model), "n_examples": len(examples)}
+            "weights_sha256": weights_hash(model), "n_examples": n_rows * tr["per_image"]}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
