@@ -4,6 +4,13 @@ Prompts of different lengths are left-padded into one batch, so every row's next
 Positions come from the attention mask (cumsum(mask) - 1), so a padded row sees the same positions and keys as
 the same prompt alone: batched output equals per-sample output (tested). The image goes through the vision tower
 once, at the prefill; each later step feeds one token per row and reuses the cached keys and values.
+
+Two savings on top of batching (both exact: every row sees the same tokens, keys and positions as alone):
+- shared prefix: the tokens every prompt starts with (the system text, and the image block when rows show the same
+  image) are run once per distinct image, their keys and values copied to the rows that share them; rows are laid
+  out [shared prefix | left padding | own suffix], positions still cumsum(mask) - 1;
+- finished rows leave the batch: once a quarter of the running rows have stopped, the cache is compacted to the
+  rest, so a batch of short answers does not pay for its longest one (amortised: at most ~log_{4/3} B copies).
 """
 
 import torch
@@ -27,10 +34,48 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, generator=N
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
+def shared_prefix(input_ids, image_features, n_image_tokens, image_token_id):
+    """How much of the prompts to prefill once: (P0, S, group), group[b] the prefix group of row b.
+
+    P0 is the longest common token prefix, leaving each row at least one token of its own. Its first S tokens (the
+    text before the first image token, S = P0 if it holds none) are the same for every row and run once. Tokens
+    [S, P0) hold a whole image block when every row shows exactly one image; they run once per distinct image
+    (rows grouped by equal features). A prefix that would cut an image block stops before it (P0 = S).
+    """
+    B, n_min = len(input_ids), min(len(p) for p in input_ids)
+    P0 = 0
+    while P0 < n_min - 1 and all(p[P0] == input_ids[0][P0] for p in input_ids):
+        P0 += 1
+    if image_token_id not in input_ids[0][:P0]:
+        return P0, P0, [0] * B
+    S = input_ids[0].index(image_token_id)
+    one_image = image_features is not None and image_features.shape[0] == B and all(
+        p.count(image_token_id) == n_image_tokens for p in input_ids)
+    if not one_image or S + n_image_tokens > P0:
+        return S, S, [0] * B
+    # Group rows by identical features: a cheap fingerprint first, torch.equal to confirm.
+    flat = image_features.reshape(B, -1)
+    keys = torch.stack([flat.float().sum(-1), flat[:, ::97].float().sum(-1)], -1).tolist()
+    reps, group = [], []
+    for b in range(B):
+        g = next((j for j, r in enumerate(reps) if keys[r] == keys[b] and torch.equal(flat[r], flat[b])), None)
+        if g is None:
+            reps.append(b)
+            g = len(reps) - 1
+        group.append(g)
+    return P0, S, group
+
+
+def select_rows(cache, rows):
+    """Keep only the given batch rows of a KVCache (in place). rows: (B',) long tensor."""
+    cache.k = [k.index_select(0, rows) for k in cache.k]
+    cache.v = [v.index_select(0, rows) for v in cache.v]
+
+
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, image_features=None, max_new_tokens=32, eos_token_id=None,
              pad_token_id=None, stop_strings=None, tokenizer=None, do_sample=False, temperature=1.0, top_p=1.0,
-             generator=None):
+             generator=None, share_prefix=True, compact=True):
     """Continue each prompt; returns the new tokens per prompt, without the EOS.
 
     input_ids: list of B token lists (image prompts hold n_image_tokens image tokens). pixel_values (n_img, 3, S, S)
@@ -38,7 +83,8 @@ def generate(model, input_ids, pixel_values=None, image_features=None, max_new_t
     image prompt. eos_token_id: int or list (default config.eos_token_id). pad_token_id: only fills the padding
     (default config.pad_token_id, else config.eos_token_id; it is masked out, so its value never matters).
     stop_strings: a row also stops once its decoded new text contains one of them (needs tokenizer); the tokens
-    that complete the stop string are kept, as transformers does.
+    that complete the stop string are kept, as transformers does. share_prefix / compact: the two savings of the
+    module docstring (off = the plain left-padded batch; the tests and benchmarks compare both).
     """
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -57,21 +103,45 @@ def generate(model, input_ids, pixel_values=None, image_features=None, max_new_t
     if min(len(p) for p in input_ids) == 0:
         raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
     dev = model.model.language_model.embed_tokens.weight.device
-    T = max(len(p) for p in input_ids)
-    ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, p in enumerate(input_ids):  # left padding: the last column is every row's last prompt token
-        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[b, T - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
     if pixel_values is not None:
         image_features = model.encode_images(pixel_values.to(dev))  # (n_img, N, D), once per image
-    cache = KVCache.new(model, B, T + max_new_tokens)
-    logits = model(ids, attention_mask=mask, image_features=image_features, cache=cache, logits_slice=-1)  # (B,1,V)
+    P0, S, group = 0, 0, [0] * B
+    if share_prefix:
+        P0, S, group = shared_prefix(input_ids, image_features, cfg.n_image_tokens, cfg.image_token_index)
+    T = max(len(p) for p in input_ids) - P0  # suffix columns
+    ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B, P0 + T, dtype=torch.long)
+    mask[:, :P0] = 1
+    for b, p in enumerate(input_ids):  # left padding of the suffixes: the last column is every row's last token
+        ids[b, T - len(p) + P0:] = torch.tensor(p[P0:], dtype=torch.long)
+        mask[b, P0 + T - len(p) + P0:] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    cache = KVCache.new(model, B, P0 + T + max_new_tokens)
+    feats = image_features
+    if P0 > 0:
+        reps = [group.index(g) for g in range(max(group) + 1)]  # first row of each prefix group
+        pre = KVCache.new(model, len(reps), P0)
+        if S > 0:  # the common text, once, copied to every group
+            one = KVCache.new(model, 1, S)
+            model.hidden_states(torch.tensor([input_ids[0][:S]], device=dev), cache=one)
+            for i in range(len(pre.k)):
+                pre.k[i][:, :, :S], pre.v[i][:, :, :S] = one.k[i], one.v[i]
+            pre.length = S
+        if P0 > S:  # the image block and the text after it, once per distinct image
+            model.hidden_states(torch.tensor([input_ids[r][S:P0] for r in reps], device=dev),
+                                image_features=feats[reps], cache=pre)
+            feats = None  # every row's image is in the prefix; none is left for the suffixes
+        rows = torch.tensor(group, device=dev)
+        for i in range(len(cache.k)):
+            cache.k[i][:, :, :P0], cache.v[i][:, :, :P0] = pre.k[i][rows], pre.v[i][rows]
+        cache.length = P0
+    logits = model(ids, attention_mask=mask, image_features=feats, cache=cache, logits_slice=-1)  # (B, 1, V)
     out, done = [[] for _ in range(B)], [False] * B
+    active = list(range(B))  # original index of each row still in the batch
     for step in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1].float(), do_sample, temperature, top_p, generator)  # (B,)
-        for b, tok in enumerate(nxt.tolist()):
+        nxt = sample_next(logits[:, -1].float(), do_sample, temperature, top_p, generator)  # (B',)
+        for j, tok in enumerate(nxt.tolist()):
+            b = active[j]
             if done[b]:
                 continue
             if tok in eos_ids:
@@ -80,10 +150,17 @@ def generate(model, input_ids, pixel_values=None, image_features=None, max_new_t
             out[b].append(tok)
             if stop_strings and any(s in tokenizer.decode(out[b]) for s in stop_strings):
                 done[b] = True
-        if all(done) or step == max_new_tokens - 1:
+        n_done = sum(done[b] for b in active)
+        if n_done == len(active) or step == max_new_tokens - 1:
             break
-        # Finished rows keep decoding pad tokens (their output is ignored) so the batch stays rectangular.
-        nxt = nxt.masked_fill(torch.tensor(done, device=dev), pad_token_id)
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T_past + 1)
-        logits = model(nxt[:, None], attention_mask=mask, cache=cache)  # (B, 1, V)
+        if compact and 4 * n_done >= len(active):  # compact: drop the finished rows from the cache and the mask
+            keep = [j for j, b in enumerate(active) if not done[b]]
+            rows = torch.tensor(keep, device=dev)
+            select_rows(cache, rows)
+            mask, nxt = mask[rows], nxt[rows]
+            active = [active[j] for j in keep]
+        # Finished rows not yet compacted keep decoding pads (output ignored) so the batch stays rectangular.
+        nxt = nxt.masked_fill(torch.tensor([done[b] for b in active], device=dev), pad_token_id)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (B', T_past + 1)
+        logits = model(nxt[:, None], attention_mask=mask, cache=cache)  # (B', 1, V)
     return out
