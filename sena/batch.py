@@ -11,7 +11,8 @@ Rejected restarts its positions at P and is blocked from the chosen keys, so eve
 exactly the queries, keys and positions it has in its own duplicated sequence [prompt | answer]: the log-probs are
 equal to the duplicated forward up to float summation order (tests/test_fast_paths.py). THE SHIFT: the token in
 column t is scored by the logits of column t-1, except each answer's first token, scored by the last prompt column
-P-1 (for rejected that column is not adjacent). The LM head and log-softmax run only on those columns.
+P-1 (for rejected that column is not adjacent). The LM head and log-softmax run only on those columns, and the
+last decoder layer computes its queries and MLP only from the first of them on (Llava.hidden_states keep_from).
 
 `plain_pair_batch` / `plain_pair_logps` keep the duplicated layout (2B rows, chosen rows first, full logits) as the
 reference path for tests and benchmarks.
@@ -93,9 +94,11 @@ def pair_logps(model, batch, image_features):
     Returns chosen_logps, rejected_logps, chosen_mean_logps, rejected_mean_logps, each (B,) fp32.
     """
     B, T = batch["input_ids"].shape
+    col = batch["score_index"] % T  # (n,) the column of each scoring position
+    c0 = int(col.min())  # nothing left of it is scored: the last layer skips those columns (keep_from)
     h = model.hidden_states(batch["input_ids"], block_mask(batch["segment"]), image_features=image_features,
-                            position_ids=batch["position_ids"])  # (B, T, D)
-    h = h.reshape(B * T, -1)[batch["score_index"]]  # (n, D): only the columns that score an answer token
+                            position_ids=batch["position_ids"], keep_from=c0)  # (B, T - c0, D)
+    h = h.reshape(B * (T - c0), -1)[batch["score_index"] // T * (T - c0) + col - c0]  # (n, D): scoring columns
     logps = answer_logps(model.lm_head, h, batch["score_target"])  # (n,) fp32
     row = batch["score_row"]
     summed = logps.new_zeros(2 * B).index_add(0, row, logps)  # (2B,): chosen rows first

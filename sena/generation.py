@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded into one batch, so every row's next token sits in the last column.
 Positions come from the attention mask (cumsum(mask) - 1), so a padded row sees the same positions and keys as
 the same prompt alone: batched output equals per-sample output (tested). The image goes through the vision tower
-once, at the prefill; each later step feeds one token per row and reuses the cached keys and values.
+once, at the prefill (whose last layer runs only at the last column, the one whose logits are read); each later
+step feeds one token per row and reuses the cached keys and values.
 
 Two savings on top of batching (both exact: every row sees the same tokens, keys and positions as alone):
 - shared prefix: the tokens every prompt starts with (the system text, and the image block when rows show the same
@@ -123,19 +124,21 @@ def generate(model, input_ids, pixel_values=None, image_features=None, max_new_t
         pre = KVCache.new(model, len(reps), P0)
         if S > 0:  # the common text, once, copied to every group
             one = KVCache.new(model, 1, S)
-            model.hidden_states(torch.tensor([input_ids[0][:S]], device=dev), cache=one)
+            model.hidden_states(torch.tensor([input_ids[0][:S]], device=dev), cache=one, keep_from=S - 1)
             for i in range(len(pre.k)):
                 pre.k[i][:, :, :S], pre.v[i][:, :, :S] = one.k[i], one.v[i]
             pre.length = S
         if P0 > S:  # the image block and the text after it, once per distinct image
             model.hidden_states(torch.tensor([input_ids[r][S:P0] for r in reps], device=dev),
-                                image_features=feats[reps], cache=pre)
+                                image_features=feats[reps], cache=pre, keep_from=P0 - S - 1)
             feats = None  # every row's image is in the prefix; none is left for the suffixes
         rows = torch.tensor(group, device=dev)
         for i in range(len(cache.k)):
             cache.k[i][:, :, :P0], cache.v[i][:, :, :P0] = pre.k[i][rows], pre.v[i][rows]
         cache.length = P0
-    logits = model(ids, attention_mask=mask, image_features=feats, cache=cache, logits_slice=-1)  # (B, 1, V)
+    # Only the last column's logits are read: the last layer runs its queries and MLP there alone (keep_from).
+    h = model.hidden_states(ids, attention_mask=mask, image_features=feats, cache=cache, keep_from=T - 1)  # (B,1,D)
+    logits = model.lm_head(h)  # (B, 1, V)
     out, done = [[] for _ in range(B)], [False] * B
     active = list(range(B))  # original index of each row still in the batch
     for step in range(max_new_tokens):

@@ -276,18 +276,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hs, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.hs, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, i):
+    def forward(self, x, cos, sin, mask, cache, i, q_from=0):
+        """Keys and values for all T positions; queries (and the output) only for positions q_from..T-1."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        Tq = T - q_from
+        q = self.q_proj(x[:, q_from:]).view(B, Tq, self.n_head, self.hs).transpose(1, 2)  # (B, nh, Tq, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k = rope(q, cos[:, :, q_from:], sin[:, :, q_from:]), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(i, k, v)  # (B, n_kv, T_past+T, hs)
         # mask None means plain causal with no past (training, full prompts): lets SDPA use its fused kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, q_from:],
+                                           is_causal=mask is None, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.n_head * self.hs))  # (B, Tq, D)
 
 
 class MLP(nn.Module):
@@ -308,8 +310,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, i):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i)
+    def forward(self, x, cos, sin, mask, cache, i, q_from=0):
+        """(B, T, D) -> (B, T - q_from, D): with q_from > 0 only the last positions come out (see keep_from)."""
+        x = x[:, q_from:] + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i, q_from)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -324,8 +327,13 @@ class LanguageModel(nn.Module):
         # compute, activation memory per layer drops from ~20 tensors of (B, T, D) to one). Off by default.
         self.gradient_checkpointing = False
 
-    def forward(self, x, attention_mask=None, position_ids=None, cache=None):
-        """x (B, T, D) input embeddings -> final-norm hidden states (B, T, D).
+    def forward(self, x, attention_mask=None, position_ids=None, cache=None, keep_from=0):
+        """x (B, T, D) input embeddings -> final-norm hidden states (B, T - keep_from, D) of positions keep_from..T-1.
+
+        keep_from > 0 (the caller needs only the last positions, e.g. the answer tokens or the next-token logits):
+        every layer still computes keys and values at all positions, but the last layer computes its queries,
+        attention output and MLP only at the kept positions, as nothing reads the others; those equal the full
+        pass's hidden states (up to float summation order).
 
         attention_mask: (B, T_past+T) 1/0 key padding mask (causal attention is added here), or a (B, T, T) bool
         block mask, True where query t may see key s, used as given (packed sequences; needs position_ids).
@@ -354,7 +362,7 @@ class LanguageModel(nn.Module):
         mask = None
         if block:  # each query also sees itself, so a pad row attends to something (see below)
             mask = (attention_mask.bool() | torch.eye(T, dtype=torch.bool, device=dev))[:, None]  # (B, 1, T, T)
-        elif past > 0 or (attention_mask is not None and not bool(attention_mask.all())):
+        elif past > 0 or keep_from > 0 or (attention_mask is not None and not bool(attention_mask.all())):
             q_pos = torch.arange(past, past + T, device=dev)[:, None]  # (T, 1)
             k_pos = torch.arange(past + T, device=dev)[None, :]  # (1, S)
             mask = (k_pos <= q_pos)[None]  # (1, T, S) causal
@@ -364,11 +372,13 @@ class LanguageModel(nn.Module):
             # value times a zero weight still poisons later rows. Letting each query see itself avoids that.
             mask = (mask | (k_pos == q_pos))[:, None]  # (B or 1, 1, T, S)
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            q_from = keep_from if i == last else 0  # (a causal mask is built above whenever keep_from > 0)
             if ckpt:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, q_from, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, cos, sin, mask, cache, i, q_from)
         if cache is not None:
             cache.length += T
         return self.norm(x)
@@ -399,8 +409,11 @@ class Llava(nn.Module):
         return self.model.multi_modal_projector(h[:, 1:])  # (B, N, D)
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_features=None,
-                      position_ids=None, cache=None):
-        """Final-norm hidden states (B, T, D) before lm_head. Same arguments as forward."""
+                      position_ids=None, cache=None, keep_from=0):
+        """Final-norm hidden states (B, T - keep_from, D) before lm_head, of positions keep_from..T-1 (default all).
+
+        Same arguments as forward; keep_from > 0 skips the last layer's queries and MLP at the earlier positions.
+        """
         embed = self.model.language_model.embed_tokens
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
@@ -414,7 +427,7 @@ class Llava(nn.Module):
                                  f"rows ({self.config.n_image_tokens} per image)")
             x = embed(input_ids.masked_fill(is_img, 0))  # the image slots are overwritten next
             x = x.masked_scatter(is_img[..., None], feats.to(x.dtype))  # (B, T, D)
-        return self.model.language_model(x, attention_mask, position_ids, cache)
+        return self.model.language_model(x, attention_mask, position_ids, cache, keep_from)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_features=None, position_ids=None,
                 cache=None, logits_slice=None):

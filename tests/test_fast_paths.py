@@ -23,7 +23,7 @@ from sena.batch import (
 )
 from sena.generation import generate
 from sena.lora import apply_lora, lora_parameters
-from sena.model import load_pretrained
+from sena.model import KVCache, load_pretrained
 from tests import tiny
 from tests.test_generation import IMG, N_IMG, tiny_model
 
@@ -176,3 +176,22 @@ def test_gpu_readiness_tiny_runs(capsys):
     for key in ("train_pairs_per_s", "train_tokens_per_s", "ref_pairs_per_s", "train_mfu", "peak_memory_mb"):
         assert res[key] is not None and res[key] > 0, key
     assert "pairs/s" in capsys.readouterr().out
+
+
+def test_keep_from_equals_the_tail_of_the_full_pass():
+    model = tiny_model(seed=5)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, IMG, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    for m in (None, mask):
+        full = model.hidden_states(ids, m)
+        for c in (1, 7, 11):
+            assert torch.allclose(model.hidden_states(ids, m, keep_from=c), full[:, c:], atol=1e-5, rtol=0)
+    # Through a cache: the kept tail is the same and the cache holds every position's keys (next step agrees).
+    cache_a, cache_b = KVCache.new(model, 2, 13), KVCache.new(model, 2, 13)
+    last = model.hidden_states(ids, mask, cache=cache_a, keep_from=11)
+    assert torch.allclose(last, model.hidden_states(ids, mask, cache=cache_b)[:, 11:], atol=1e-5, rtol=0)
+    nxt, m13 = ids[:, :1], torch.cat([mask, mask[:, :1]], 1)
+    assert torch.allclose(model.hidden_states(nxt, m13, cache=cache_a), model.hidden_states(nxt, m13, cache=cache_b),
+                          atol=1e-5, rtol=0)
