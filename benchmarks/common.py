@@ -49,13 +49,17 @@ def config(vocab_size):
         image_token_index=4, pad_token_id=3, bos_token_id=1, eos_token_id=2)
 
 
-def model_dir(path, seed=0):
-    """Save the random ~5M LLaVA (weights std 0.05: varied, finite log-probs) with tokenizer; return its path."""
+def model_dir(path, seed=0, vocab_size=None):
+    """Save the random ~5M LLaVA (weights std 0.05: varied, finite log-probs) with tokenizer; return its path.
+
+    vocab_size: a larger LM head than the tokenizer needs (e.g. Vicuna's 32064), to weigh the LM head as a real
+    model does; the tokenizer's ids are its first rows.
+    """
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     tok = tiny.tokenizer()
     torch.manual_seed(seed)
-    model = Llava(config(len(tok)))
+    model = Llava(config(max(len(tok), vocab_size or 0)))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
