@@ -15,6 +15,7 @@ read) and report.json (counts per stage and filter, rewrite and acceptance rates
 """
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -64,33 +65,65 @@ def encode_images(model, pixels, batch_size):
 
 
 @torch.no_grad()
-def run_prompts(model, tok, feats, users, args, desc, with_image=True):
-    """Greedy answers to users[i] about image feats[i]; batched, sorted by prompt length to waste little padding."""
+def run_prompts(model, tok, feats, users, args, stage, keys, with_image=True):
+    """Greedy answers to users[i] about image feats[i], batched and sorted by prompt length.
+
+    Resumable: each finished batch is appended to <out>/stages/<stage>.jsonl under its key (image name), and a rerun
+    generates only the keys not there yet, so a killed 6K-image round loses at most one batch per stage.
+    """
+    path = os.path.join(args.out, "stages", f"{stage}.jsonl")
+    done = load_stage(path, args.signature)
+    todo = [i for i, k in enumerate(keys) if k not in done]
     cfg = model.config
-    ids = [encode_prompt(tok, u, cfg.n_image_tokens, cfg.image_token_index, with_image) for u in users]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = [None] * len(ids)
-    for s in tqdm(range(0, len(order), args.batch_size), desc=desc, leave=False, disable=None):
-        idx = order[s : s + args.batch_size]
-        new = generate(model, [ids[i] for i in idx], image_features=feats[idx] if with_image else None,
-                       max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
-        for i, toks in zip(idx, new):
-            out[i] = tok.decode(toks, skip_special_tokens=True).strip()
-    return out
+    ids = {i: encode_prompt(tok, users[i], cfg.n_image_tokens, cfg.image_token_index, with_image) for i in todo}
+    order = sorted(todo, key=lambda i: len(ids[i]))
+    with open(path, "a", encoding="utf-8") as f:
+        for s in tqdm(range(0, len(order), args.batch_size), desc=stage, leave=False, disable=None):
+            idx = order[s : s + args.batch_size]
+            new = generate(model, [ids[i] for i in idx], image_features=feats[idx] if with_image else None,
+                           max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+            for i, toks in zip(idx, new):
+                done[keys[i]] = tok.decode(toks, skip_special_tokens=True).strip()
+                f.write(json.dumps({"key": keys[i], "text": done[keys[i]]}) + "\n")
+            f.flush()
+    return [done[k] for k in keys]
 
 
-def ask_questions(model, tok, feats, args, report):
+def load_stage(path, signature):
+    """Texts a stage already produced, {key: text}; a stage file written under other settings is refused."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"signature": signature}) + "\n")
+        return {}
+    done = {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    head = json.loads(lines[0]) if lines[0] else {}
+    if head.get("signature") != signature:
+        raise SystemExit(f"{path}: written with other settings ({head.get('signature')} != {signature}); "
+                         "delete the round's stages/ folder to regenerate")
+    for line in lines[1:]:
+        try:  # the last line may be cut short by a kill: everything before it is kept
+            rec = json.loads(line)
+            done[rec["key"]] = rec["text"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return done
+
+
+def ask_questions(model, tok, feats, names, args, report):
     """Stage 1: one question per image, then the self-check. Returns (raw, checked) lists, None where dropped."""
     raw = [extract_questions(t) for t in run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(feats), args,
-                                                     "ask")]
+                                                     "ask", names)]
     report["questions_raw"] = sum(q is not None for q in raw)
     if args.self_check == "off":
         checked = list(raw)
     else:
         keep = [i for i, q in enumerate(raw) if q is not None]
         outs = run_prompts(model, tok, feats[keep], [prompts.SELF_CHECK.format(question=raw[i]) for i in keep], args,
-                           "self-check", with_image=args.self_check == "image")
+                           "self_check", [names[i] for i in keep], with_image=args.self_check == "image")
         checked = [None] * len(raw)
         for i, text in zip(keep, outs):
             checked[i] = extract_questions(text)
@@ -104,7 +137,7 @@ def ask_questions(model, tok, feats, args, report):
     return raw, checked
 
 
-def enhance(model, tok, feats, descriptions, questions, answers, args):
+def enhance(model, tok, feats, descriptions, questions, answers, args, stage, keys):
     """Stage 5: rewrite each answer given the image, its description, the question; None where refused."""
     users = []
     for d, q, a in zip(descriptions, questions, answers):
@@ -113,7 +146,7 @@ def enhance(model, tok, feats, descriptions, questions, answers, args):
             users.append(prompts.IMPROVE_NO_DESCRIPTION.format(question=q, answer=a))
         else:
             users.append(prompts.IMPROVE.format(description=d, question=q, answer=a))
-    return [parse_improved(t) for t in run_prompts(model, tok, feats, users, args, "enhance")]
+    return [parse_improved(t) for t in run_prompts(model, tok, feats, users, args, stage, keys)]
 
 
 def main(argv=None):
@@ -124,6 +157,10 @@ def main(argv=None):
     model, tok, image_cfg = load_pretrained(args.model, dtype=dtype, device=args.device)
     model.eval()
     report = {"round": args.round, "model": args.model}
+    # Stage files from an interrupted run are reused only under the same settings (batch size aside: greedy
+    # answers do not depend on how prompts are batched, tests/test_generation.py).
+    sig = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "out")}
+    args.signature = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
 
     # Images: unreadable files are skipped and counted, never fatal (a 6K-image round must not die on one JPEG).
     paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images)
@@ -146,7 +183,7 @@ def main(argv=None):
     clean_feats = encode_images(model, torch.stack(clean).to(args.device, dtype), args.batch_size)
     noised_feats = encode_images(model, torch.stack(noised).to(args.device, dtype), args.batch_size)
 
-    raw_q, questions = ask_questions(model, tok, clean_feats, args, report)
+    raw_q, questions = ask_questions(model, tok, clean_feats, names, args, report)
     keep = [i for i, q in enumerate(questions) if q is not None]
     rng = [random.Random(f"{args.seed}-{args.round}-{names[i]}") for i in keep]
     des_users = [r.choice(prompts.DESCRIBE_PROMPTS) + prompts.DES_SUFFIX for r in rng]
@@ -154,16 +191,17 @@ def main(argv=None):
 
     # Stages 3-4: the same two prompts on the clean image (chosen) and the noised image (rejected).
     cf, nf = clean_feats[keep], noised_feats[keep]
-    des_clean = run_prompts(model, tok, cf, des_users, args, "des clean")
-    gen_clean = run_prompts(model, tok, cf, gen_users, args, "gen clean")
-    des_noised = run_prompts(model, tok, nf, des_users, args, "des noised")
-    gen_noised = run_prompts(model, tok, nf, gen_users, args, "gen noised")
+    kept = [names[i] for i in keep]
+    des_clean = run_prompts(model, tok, cf, des_users, args, "des_clean", kept)
+    gen_clean = run_prompts(model, tok, cf, gen_users, args, "gen_clean", kept)
+    des_noised = run_prompts(model, tok, nf, des_users, args, "des_noised", kept)
+    gen_noised = run_prompts(model, tok, nf, gen_users, args, "gen_noised", kept)
 
     if args.no_enhance:
         des_se = gen_se = [None] * len(keep)
     else:
-        des_se = enhance(model, tok, cf, des_clean, des_users, des_clean, args)
-        gen_se = enhance(model, tok, cf, des_clean, gen_users, gen_clean, args)
+        des_se = enhance(model, tok, cf, des_clean, des_users, des_clean, args, "enhance_des", kept)
+        gen_se = enhance(model, tok, cf, des_clean, gen_users, gen_clean, args, "enhance_gen", kept)
 
     pairs, counts = [], {f: 0 for f in FILTERS}
     for j, i in enumerate(keep):
@@ -188,7 +226,7 @@ def main(argv=None):
         "pairs_des": sum(p["type"] == "des" for p in pairs), "pairs_gen": sum(p["type"] == "gen" for p in pairs),
         "mean_words_chosen": sum(len(p["chosen"].split()) for p in pairs) / max(len(pairs), 1),
         "mean_words_rejected": sum(len(p["rejected"].split()) for p in pairs) / max(len(pairs), 1),
-        "settings": vars(args), "seconds": round(time.time() - t0, 1),
+        "settings": {k: v for k, v in vars(args).items() if k != "signature"}, "seconds": round(time.time() - t0, 1),
     })
     atomic_write_text(os.path.join(args.out, "pairs.jsonl"), "".join(json.dumps(p) + "\n" for p in pairs))
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=2))

@@ -19,11 +19,13 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import evaluate
 import generate
@@ -78,6 +80,9 @@ def parse_args(argv):
     p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--no-eval", action="store_true", help="skip evaluate.py after each round")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint trainable weights + optimizer every N steps")
+    p.add_argument("--max-bad-steps", type=int, default=10,
+                   help="skip a step with a non-finite loss; stop the run after this many")
     return p.parse_args(argv)
 
 
@@ -159,10 +164,21 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
         order += epoch
     total = max(1, len(order) // args.batch_size)
     accum = max(1, args.batch_size // args.micro_batch_size)
+    # Resume: a checkpoint of this round continues where it stopped; the data order is a function of the seed,
+    # so the step number is the data position. log.jsonl keeps only the lines of steps before the resumed one.
+    ckpt_dir = os.path.join(round_dir, "checkpoint")
+    start, bad_steps = 0, 0
+    if os.path.exists(os.path.join(ckpt_dir, "state.json")):
+        start, bad_steps = load_checkpoint(ckpt_dir, model, opt)
+        print(f"iter {k}: resuming from {ckpt_dir} at step {start}")
     log_path = os.path.join(round_dir, "log.jsonl")
-    log = open(log_path, "w")
+    kept = []
+    if start and os.path.exists(log_path):
+        kept = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] < start]
+    atomic_write_text(log_path, "".join(kept))
+    log = open(log_path, "a")
     t_start = time.time()
-    for step in range(total):
+    for step in range(start, total):
         t0, ntok = time.time(), 0
         lr = lr_at(step, total, args)
         for g in opt.param_groups:
@@ -181,14 +197,14 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
                 with torch.set_grad_enabled(args.full_ft):
                     feats = model.encode_images(pixels)  # frozen tower (+ frozen projector under LoRA)
                 if step == 0 and m == 0:
-                    check_reference(model, batch, feats, refs, ref, idx, cuda)
+                    check_reference(model, batch, feats, refs, cuda)
                 pc, pr, pc_mean, _ = pair_logps(model, batch, feats)
             losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], args.beta)
             ica = ica_loss(pc_mean, is_des)
             ica = ica.sum() / (len(chunk) if args.ica_reduction == "batch" else is_des.sum().clamp(min=1))
             loss = losses.mean() + ica_w * ica
             if not torch.isfinite(loss):
-                raise SystemExit(f"round {k} step {step}: non-finite loss {loss.item()} — stopping before saving")
+                break
             (loss / accum).backward()
             for key, v in (("loss", loss), ("dpo", losses.mean()), ("ica", ica), ("rewards/chosen", r_c.mean()),
                            ("rewards/rejected", r_r.mean()), ("rewards/margins", (r_c - r_r).mean()),
@@ -196,16 +212,29 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
                            ("logps/rejected", pr.mean()), ("logps/ref_chosen", refs[0].mean()),
                            ("logps/ref_rejected", refs[1].mean())):
                 stats[key] = stats.get(key, 0.0) + v.item() / accum
+        if not torch.isfinite(loss):
+            # A non-finite loss skips the step (no update) and is counted; too many stop the run, checkpoint kept.
+            opt.zero_grad(set_to_none=True)
+            bad_steps += 1
+            print(f"iter {k} step {step}: non-finite loss ({loss.item()}), step skipped ({bad_steps} so far)")
+            if bad_steps > args.max_bad_steps:
+                save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
+                raise SystemExit(f"round {k}: {bad_steps} non-finite losses (> --max-bad-steps "
+                                 f"{args.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
+            continue
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats.update(iter=k, step=step, lr=lr, grad_norm=grad_norm, tokens_per_s=ntok / (time.time() - t0))
+        stats.update(iter=k, step=step, lr=lr, grad_norm=grad_norm, tokens_per_s=ntok / (time.time() - t0),
+                     bad_steps=bad_steps)
         log.write(json.dumps(stats) + "\n")
         log.flush()
         print(f"iter {k} step {step:03d}/{total:03d} | loss {stats['loss']:.4f} | dpo {stats['dpo']:.4f} | "
               f"ica {stats['ica']:.4f} | acc {stats['rewards/accuracies']:.2f} | "
               f"margin {stats['rewards/margins']:.3f} | gnorm {grad_norm:.3f} | lr {lr:.2e} | "
               f"tok/s {stats['tokens_per_s']:.0f}", flush=True)
+        if (step + 1) % args.save_every == 0 and step + 1 < total:
+            save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
     log.close()
     print(f"iter {k}: {total} steps in {time.time() - t_start:.1f} s")
     if not args.full_ft:
@@ -213,8 +242,42 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     return model.float(), tok, image_cfg
 
 
+def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
+    """Trainable weights, AdamW moments and the step, written atomically (temp folder + rename)."""
+    tmp = ckpt_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+              os.path.join(tmp, "trainable.safetensors"))
+    state = {f"{i}.{k}": v.contiguous() for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+    state["torch_rng"] = torch.get_rng_state()  # LoRA dropout draws from it
+    save_file(state, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "bad_steps": bad_steps}, f)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    os.replace(tmp, ckpt_dir)
+
+
+def load_checkpoint(ckpt_dir, model, opt):
+    """Restore a checkpoint into the model and optimizer; returns (next step, bad steps so far)."""
+    with open(os.path.join(ckpt_dir, "state.json")) as f:
+        state = json.load(f)
+    params = dict(model.named_parameters())
+    for n, v in load_file(os.path.join(ckpt_dir, "trainable.safetensors")).items():
+        params[n].data.copy_(v)
+    flat = load_file(os.path.join(ckpt_dir, "optimizer.safetensors"))
+    torch.set_rng_state(flat.pop("torch_rng"))
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, v in flat.items():
+        i, name = key.split(".", 1)
+        sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    return state["step"] + 1, state["bad_steps"]
+
+
 @torch.no_grad()
-def check_reference(model, batch, feats, refs, ref, idx, cuda):
+def check_reference(model, batch, feats, refs, cuda):
     """Step 0: the cached reference must equal a live reference forward (adapters off) on the first batch."""
     with lora_disabled(model):
         live = pair_logps(model, batch, feats)
@@ -259,7 +322,9 @@ def run_round(args, k, world):
     t_ref = time.time()
 
     model, tok, image_cfg = train_round(args, k, prev, round_dir, pairs, image_root, ref)
-    save_pretrained(model, out_model, tokenizer=tok, image_cfg=image_cfg)
+    save_pretrained(model, out_model + ".tmp", tokenizer=tok, image_cfg=image_cfg)
+    shutil.rmtree(out_model, ignore_errors=True)
+    os.replace(out_model + ".tmp", out_model)  # θ(k) appears whole or not at all
     t_train = time.time()
     if world and not args.no_eval:
         evaluate.main(["--model", out_model, "--test-dir", os.path.join(run_dir, "test")])
@@ -268,6 +333,7 @@ def run_round(args, k, world):
             "seconds": {"data": round(t_data - t0, 1), "reference": round(t_ref - t_data, 1),
                         "train": round(t_train - t_ref, 1), "eval": round(time.time() - t_train, 1)}}
     atomic_write_text(os.path.join(round_dir, "meta.json"), json.dumps(meta, indent=2))
+    shutil.rmtree(os.path.join(round_dir, "checkpoint"), ignore_errors=True)  # the round is done; θ(k) is saved
     return out_model
 
 
