@@ -26,7 +26,14 @@ def default_image_cfg(image_size: int) -> dict:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited onto white, as transformers' convert_to_rgb does."""
+    """Any PIL mode -> RGB; transparency is composited onto white, as transformers' convert_to_rgb does.
+
+    16/32-bit grey images are scaled to 8 bits by their range first: PIL's own convert clips them to 255 (white).
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        span = max(a.max() - a.min(), 1e-12)
+        img = Image.fromarray(((a - a.min()) / span * 255).round().astype(np.uint8), mode="L")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
@@ -39,7 +46,8 @@ def load_image(path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError: PIL refuses images over ~179M pixels, a guard against crafted files.
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
