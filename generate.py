@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from sena import prompts
+from sena import dist, prompts
 from sena.chat import encode_prompt
 from sena.generation import generate
 from sena.image import load_image, preprocess
@@ -149,41 +149,39 @@ def enhance(model, tok, feats, descriptions, questions, answers, args, stage, ke
     return [parse_improved(t) for t in run_prompts(model, tok, feats, users, args, stage, keys)]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
+COUNTS = ("images", "images_unreadable", "questions_raw", "self_check_dropped", "self_check_rewritten",
+          "questions_name_dropped", "questions_kept", "se_accepted_des", "se_accepted_gen", "candidate_pairs")
+
+
+def run_shard(args, paths, root, out):
+    """Every stage on one list of images; stage files go to out/stages. Returns (pairs, counts)."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok, image_cfg = load_pretrained(args.model, dtype=dtype, device=args.device)
     model.eval()
-    report = {"round": args.round, "model": args.model}
-    # Stage files from an interrupted run are reused only under the same settings (batch size aside: greedy
-    # answers do not depend on how prompts are batched, tests/test_generation.py).
-    sig = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "out")}
-    args.signature = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+    args = argparse.Namespace(**{**vars(args), "out": out})
+    counts = dict.fromkeys(COUNTS, 0)
 
     # Images: unreadable files are skipped and counted, never fatal (a 6K-image round must not die on one JPEG).
-    paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images)
-    names, clean, noised, bad = [], [], [], []
+    names, clean, noised = [], [], []
     for path in tqdm(paths, desc="images", leave=False, disable=None):
         try:
             x = preprocess(load_image(path), image_cfg)
         except (OSError, ValueError) as e:
             print(f"skipping image {path}: {e}", file=sys.stderr)
-            bad.append(path)
+            counts["images_unreadable"] += 1
             continue
         name = os.path.relpath(path, root)
         names.append(name)
         clean.append(x)
         # Noise goes on the normalized, padded tensor, as in the released code; seeded per (image, round).
         noised.append(add_diffusion_noise(x, args.noise_step, generator=noise_generator(args.seed, name, args.round)))
-    report["images"], report["images_unreadable"] = len(names), len(bad)
+    counts["images"] = len(names)
     if not names:
-        raise SystemExit(f"no readable images in {args.images or args.image_list} (skipped {len(bad)})")
+        return [], counts
     clean_feats = encode_images(model, torch.stack(clean).to(args.device, dtype), args.batch_size)
     noised_feats = encode_images(model, torch.stack(noised).to(args.device, dtype), args.batch_size)
 
-    raw_q, questions = ask_questions(model, tok, clean_feats, names, args, report)
+    raw_q, questions = ask_questions(model, tok, clean_feats, names, args, counts)
     keep = [i for i, q in enumerate(questions) if q is not None]
     rng = [random.Random(f"{args.seed}-{args.round}-{names[i]}") for i in keep]
     des_users = [r.choice(prompts.DESCRIBE_PROMPTS) + prompts.DES_SUFFIX for r in rng]
@@ -202,39 +200,77 @@ def main(argv=None):
     else:
         des_se = enhance(model, tok, cf, des_clean, des_users, des_clean, args, "enhance_des", kept)
         gen_se = enhance(model, tok, cf, des_clean, gen_users, gen_clean, args, "enhance_gen", kept)
+    counts["se_accepted_des"] = sum(s is not None for s in des_se)
+    counts["se_accepted_gen"] = sum(s is not None for s in gen_se)
+    counts["candidate_pairs"] = 2 * len(keep)
 
-    pairs, counts = [], {f: 0 for f in FILTERS}
+    pairs = []
     for j, i in enumerate(keep):
         for kind, user, raw, se, rej in (("des", des_users[j], des_clean[j], des_se[j], des_noised[j]),
                                           ("gen", gen_users[j], gen_clean[j], gen_se[j], gen_noised[j])):
             chosen = se if se is not None else raw
-            reason = pair_filter(chosen, rej)
-            if reason is not None:
-                counts[reason] += 1
-                continue
             pairs.append({"id": f"r{args.round}/{names[i]}/{kind}", "image": names[i], "images": [names[i]],
                           "type": kind, "prompt": user, "chosen": chosen, "rejected": rej,
                           "question_raw": raw_q[i], "question": questions[i], "description": des_clean[j],
                           "chosen_raw": raw, "se_accepted": se is not None})
+    return pairs, counts
 
-    n = max(len(keep), 1)
-    report.update({
-        "image_root": os.path.abspath(root),
-        "se_accept_rate_des": None if args.no_enhance else sum(s is not None for s in des_se) / n,
-        "se_accept_rate_gen": None if args.no_enhance else sum(s is not None for s in gen_se) / n,
-        "candidate_pairs": 2 * len(keep), "filtered": counts, "pairs": len(pairs),
-        "pairs_des": sum(p["type"] == "des" for p in pairs), "pairs_gen": sum(p["type"] == "gen" for p in pairs),
-        "mean_words_chosen": sum(len(p["chosen"].split()) for p in pairs) / max(len(pairs), 1),
-        "mean_words_rejected": sum(len(p["rejected"].split()) for p in pairs) / max(len(pairs), 1),
-        "settings": {k: v for k, v in vars(args).items() if k != "signature"}, "seconds": round(time.time() - t0, 1),
-    })
-    atomic_write_text(os.path.join(args.out, "pairs.jsonl"), "".join(json.dumps(p) + "\n" for p in pairs))
-    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=2))
-    print(f"round {args.round}: {report['images']} images -> {report['questions_kept']} questions -> "
-          f"{len(pairs)} pairs ({report['pairs_des']} des, {report['pairs_gen']} gen); filtered {counts}; "
-          f"{report['seconds']} s")
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    rank, world = dist.setup()
+    os.makedirs(args.out, exist_ok=True)
+    # Stage files from an interrupted run are reused only under the same settings (batch size aside: greedy
+    # answers do not depend on how prompts are batched, tests/test_generation.py).
+    sig = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "out")}
+    args.signature = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+    paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images)
+
+    # Under torchrun each rank takes every world-th image and keeps its own stage files; rank 0 merges. Answers
+    # depend only on (model, image, seed, round), so N processes give the same pairs as one.
+    out = args.out if world == 1 else os.path.join(args.out, f"rank_{rank}")
+    pairs, counts = run_shard(args, paths[rank::world], root, out)
+    if world > 1:
+        atomic_write_text(os.path.join(out, "shard.json"), json.dumps({"pairs": pairs, "counts": counts}))
+        dist.barrier()
+        shards = [json.load(open(os.path.join(args.out, f"rank_{r}", "shard.json"))) for r in range(world)]
+        pairs = sorted((p for s in shards for p in s["pairs"]), key=lambda p: (p["image"], p["type"]))
+        counts = {k: sum(s["counts"][k] for s in shards) for k in COUNTS}
+    if counts["images"] == 0:
+        dist.shutdown()
+        raise SystemExit(f"no readable images in {args.images or args.image_list} "
+                         f"(skipped {counts['images_unreadable']})")
+
+    # Stage 6: the pair filters, each counted.
+    filtered = dict.fromkeys(FILTERS, 0)
+    kept = []
+    for p in pairs:
+        reason = pair_filter(p["chosen"], p["rejected"])
+        if reason is None:
+            kept.append(p)
+        else:
+            filtered[reason] += 1
+    n_q = max(counts["questions_kept"], 1)
+    report = {"round": args.round, "model": args.model, **counts, "image_root": os.path.abspath(root),
+              "se_accept_rate_des": None if args.no_enhance else counts["se_accepted_des"] / n_q,
+              "se_accept_rate_gen": None if args.no_enhance else counts["se_accepted_gen"] / n_q,
+              "filtered": filtered, "pairs": len(kept),
+              "pairs_des": sum(p["type"] == "des" for p in kept), "pairs_gen": sum(p["type"] == "gen" for p in kept),
+              "mean_words_chosen": sum(len(p["chosen"].split()) for p in kept) / max(len(kept), 1),
+              "mean_words_rejected": sum(len(p["rejected"].split()) for p in kept) / max(len(kept), 1),
+              "settings": {k: v for k, v in vars(args).items() if k != "signature"}, "processes": world,
+              "seconds": round(time.time() - t0, 1)}
+    if rank == 0:
+        atomic_write_text(os.path.join(args.out, "pairs.jsonl"), "".join(json.dumps(p) + "\n" for p in kept))
+        atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=2))
+        print(f"round {args.round}: {report['images']} images -> {report['questions_kept']} questions -> "
+              f"{len(kept)} pairs ({report['pairs_des']} des, {report['pairs_gen']} gen); filtered {filtered}; "
+              f"{report['seconds']} s")
+    dist.barrier()
     return report
 
 
 if __name__ == "__main__":
     main()
+    dist.shutdown()

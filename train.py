@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 
 import torch
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import evaluate
 import generate
+from sena import dist
 from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
 from sena.io import atomic_write_text, read_jsonl, sha256_file
 from sena.lora import apply_lora, lora_disabled, merge_lora
@@ -94,6 +94,12 @@ def git_commit():
         return None
 
 
+def say(msg):
+    """Print on rank 0 only (every rank computes the same global statistics)."""
+    if dist.rank() == 0:
+        print(msg, flush=True)
+
+
 def lr_at(step, total, args):
     """Linear warmup over warmup_ratio·total steps, then cosine decay to 0 or constant."""
     warmup = max(1, int(args.warmup_ratio * total))
@@ -134,14 +140,40 @@ def prepare_data(args, k, prev, round_dir, world):
     return pairs_path, pairs, image_root
 
 
+def pair_loss(model, chunk, idx, ref, tok, image_root, image_cfg, args, check):
+    """DPO + λ·ICA of one micro-batch of pairs, and the detached statistics every DPO user expects."""
+    dev, cuda = args.device, args.device.startswith("cuda")
+    batch = {k: v.to(dev) for k, v in pair_batch([tokenize_pair(tok, model.config, p) for p in chunk],
+                                                  tok.pad_token_id).items()}
+    refs = [ref[f][idx].to(dev) for f in ("ref_chosen_logps", "ref_rejected_logps")]
+    is_des = torch.tensor([p["type"] == "des" for p in chunk], device=dev, dtype=torch.float32)
+    with torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+        pixels = load_pixels(chunk, image_root, image_cfg).to(dev, next(model.parameters()).dtype)
+        with torch.set_grad_enabled(args.full_ft):
+            feats = model.encode_images(pixels)  # frozen tower (+ frozen projector under LoRA)
+        if check:
+            check_reference(model, batch, feats, refs, cuda)
+        pc, pr, pc_mean, _ = pair_logps(model, batch, feats)
+    losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], args.beta)
+    ica = ica_loss(pc_mean, is_des)
+    # The visible reduction choice: official = mean over the whole batch, switch = mean over des pairs only.
+    ica = ica.sum() / (len(chunk) if args.ica_reduction == "batch" else is_des.sum().clamp(min=1))
+    ica_w = args.ica_weight if ABLATIONS[args.ablation][2] else 0.0
+    loss = losses.mean() + ica_w * ica
+    stats = {"loss": loss, "dpo": losses.mean(), "ica": ica, "rewards/chosen": r_c.mean(),
+             "rewards/rejected": r_r.mean(), "rewards/margins": (r_c - r_r).mean(),
+             "rewards/accuracies": (r_c > r_r).float().mean(), "logps/chosen": pc.mean(),
+             "logps/rejected": pr.mean(), "logps/ref_chosen": refs[0].mean(), "logps/ref_rejected": refs[1].mean()}
+    return loss, {k: v.item() for k, v in stats.items()}, int(batch["attention_mask"].sum())
+
+
 def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     """DPO + λ·ICA from θ(k-1); returns the trained (merged) model, tokenizer and image config."""
     dev = args.device
-    cuda = dev.startswith("cuda")
+    rank, nproc = dist.rank(), dist.size()
     # Precision in three lines: fp32 everywhere on CPU; on CUDA the frozen base is bf16 (full FT: fp32 master
-    # weights), the trainable LoRA weights stay fp32, and the forward runs under bf16 autocast.
-    base_dtype = torch.bfloat16 if cuda and not args.full_ft else torch.float32
-    autocast = dict(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=cuda)
+    # weights), the trainable weights stay fp32, and the forward runs under bf16 autocast (pair_loss).
+    base_dtype = torch.bfloat16 if dev.startswith("cuda") and not args.full_ft else torch.float32
     model, tok, image_cfg = load_pretrained(prev, dtype=base_dtype, device=dev)
     torch.manual_seed(args.seed * 1000 + k)
     if args.full_ft:
@@ -154,7 +186,6 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     model.train()
-    ica_w = args.ica_weight if ABLATIONS[args.ablation][2] else 0.0
 
     order_rng = random.Random(args.seed * 1000 + k)
     order = []
@@ -163,87 +194,84 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
         order_rng.shuffle(epoch)
         order += epoch
     total = max(1, len(order) // args.batch_size)
-    accum = max(1, args.batch_size // args.micro_batch_size)
+    # Each rank takes an equal slice of every global batch, in micro-batches; gradients are then averaged over
+    # ranks, so N processes take the same steps as one (tests/test_distributed.py).
+    local = args.batch_size // nproc
+    if local * nproc != args.batch_size or local % args.micro_batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} must split into {nproc} processes x whole micro-batches "
+                         f"of --micro-batch-size {args.micro_batch_size}")
+    accum = local // args.micro_batch_size
+
     # Resume: a checkpoint of this round continues where it stopped; the data order is a function of the seed,
     # so the step number is the data position. log.jsonl keeps only the lines of steps before the resumed one.
     ckpt_dir = os.path.join(round_dir, "checkpoint")
     start, bad_steps = 0, 0
     if os.path.exists(os.path.join(ckpt_dir, "state.json")):
         start, bad_steps = load_checkpoint(ckpt_dir, model, opt)
-        print(f"iter {k}: resuming from {ckpt_dir} at step {start}")
+        say(f"iter {k}: resuming from {ckpt_dir} at step {start}")
     log_path = os.path.join(round_dir, "log.jsonl")
-    kept = []
-    if start and os.path.exists(log_path):
-        kept = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] < start]
-    atomic_write_text(log_path, "".join(kept))
-    log = open(log_path, "a")
+    if rank == 0:
+        kept = []
+        if start and os.path.exists(log_path):
+            kept = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] < start]
+        atomic_write_text(log_path, "".join(kept))
+    log = open(log_path, "a") if rank == 0 else None
     t_start = time.time()
     for step in range(start, total):
-        t0, ntok = time.time(), 0
+        t0, ntok, stats, finite = time.time(), 0, {}, True
         lr = lr_at(step, total, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        stats = {}
+        mine = order[step * args.batch_size + rank * local:][:local]
         for m in range(accum):
-            idx = order[step * args.batch_size + m * args.micro_batch_size:][: args.micro_batch_size]
-            chunk = [pairs[i] for i in idx]
-            batch = {k_: v.to(dev) for k_, v in pair_batch([tokenize_pair(tok, model.config, p) for p in chunk],
-                                                            tok.pad_token_id).items()}
-            ntok += int(batch["attention_mask"].sum())
-            refs = [ref[f][idx].to(dev) for f in ("ref_chosen_logps", "ref_rejected_logps")]
-            is_des = torch.tensor([p["type"] == "des" for p in chunk], device=dev, dtype=torch.float32)
-            with torch.autocast(**autocast):
-                pixels = load_pixels(chunk, image_root, image_cfg).to(dev, base_dtype)
-                with torch.set_grad_enabled(args.full_ft):
-                    feats = model.encode_images(pixels)  # frozen tower (+ frozen projector under LoRA)
-                if step == 0 and m == 0:
-                    check_reference(model, batch, feats, refs, cuda)
-                pc, pr, pc_mean, _ = pair_logps(model, batch, feats)
-            losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], args.beta)
-            ica = ica_loss(pc_mean, is_des)
-            ica = ica.sum() / (len(chunk) if args.ica_reduction == "batch" else is_des.sum().clamp(min=1))
-            loss = losses.mean() + ica_w * ica
-            if not torch.isfinite(loss):
-                break
-            (loss / accum).backward()
-            for key, v in (("loss", loss), ("dpo", losses.mean()), ("ica", ica), ("rewards/chosen", r_c.mean()),
-                           ("rewards/rejected", r_r.mean()), ("rewards/margins", (r_c - r_r).mean()),
-                           ("rewards/accuracies", (r_c > r_r).float().mean()), ("logps/chosen", pc.mean()),
-                           ("logps/rejected", pr.mean()), ("logps/ref_chosen", refs[0].mean()),
-                           ("logps/ref_rejected", refs[1].mean())):
-                stats[key] = stats.get(key, 0.0) + v.item() / accum
-        if not torch.isfinite(loss):
+            idx = mine[m * args.micro_batch_size:][: args.micro_batch_size]
+            loss, st, n = pair_loss(model, [pairs[i] for i in idx], idx, ref, tok, image_root, image_cfg, args,
+                                    check=step == 0 and m == 0)
+            finite = finite and bool(torch.isfinite(loss))
+            if finite:
+                (loss / accum).backward()
+            ntok += n
+            for key, v in st.items():
+                stats[key] = stats.get(key, 0.0) + v / accum
+        if not dist.all_ranks(finite):
             # A non-finite loss skips the step (no update) and is counted; too many stop the run, checkpoint kept.
             opt.zero_grad(set_to_none=True)
             bad_steps += 1
-            print(f"iter {k} step {step}: non-finite loss ({loss.item()}), step skipped ({bad_steps} so far)")
+            say(f"iter {k} step {step}: non-finite loss, step skipped ({bad_steps} so far)")
             if bad_steps > args.max_bad_steps:
                 save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
                 raise SystemExit(f"round {k}: {bad_steps} non-finite losses (> --max-bad-steps "
                                  f"{args.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
             continue
+        dist.average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats.update(iter=k, step=step, lr=lr, grad_norm=grad_norm, tokens_per_s=ntok / (time.time() - t0),
-                     bad_steps=bad_steps)
-        log.write(json.dumps(stats) + "\n")
-        log.flush()
-        print(f"iter {k} step {step:03d}/{total:03d} | loss {stats['loss']:.4f} | dpo {stats['dpo']:.4f} | "
-              f"ica {stats['ica']:.4f} | acc {stats['rewards/accuracies']:.2f} | "
-              f"margin {stats['rewards/margins']:.3f} | gnorm {grad_norm:.3f} | lr {lr:.2e} | "
-              f"tok/s {stats['tokens_per_s']:.0f}", flush=True)
+        stats = dist.average(stats | {"tokens": ntok})
+        stats.update(iter=k, step=step, lr=lr, grad_norm=grad_norm, bad_steps=bad_steps,
+                     tokens_per_s=stats.pop("tokens") * nproc / (time.time() - t0))
+        if rank == 0:
+            log.write(json.dumps(stats) + "\n")
+            log.flush()
+        say(f"iter {k} step {step:03d}/{total:03d} | loss {stats['loss']:.4f} | dpo {stats['dpo']:.4f} | "
+            f"ica {stats['ica']:.4f} | acc {stats['rewards/accuracies']:.2f} | "
+            f"margin {stats['rewards/margins']:.3f} | gnorm {grad_norm:.3f} | lr {lr:.2e} | "
+            f"tok/s {stats['tokens_per_s']:.0f}")
         if (step + 1) % args.save_every == 0 and step + 1 < total:
             save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
-    log.close()
-    print(f"iter {k}: {total} steps in {time.time() - t_start:.1f} s")
+    if log:
+        log.close()
+    say(f"iter {k}: {total - start} steps in {time.time() - t_start:.1f} s")
     if not args.full_ft:
         merge_lora(model)
     return model.float(), tok, image_cfg
 
 
 def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
-    """Trainable weights, AdamW moments and the step, written atomically (temp folder + rename)."""
+    """Trainable weights, AdamW moments and the step, written atomically (temp folder + rename) by rank 0."""
+    if dist.rank() != 0:
+        dist.barrier()
+        return
     tmp = ckpt_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -256,6 +284,7 @@ def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
         json.dump({"step": step, "bad_steps": bad_steps}, f)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     os.replace(tmp, ckpt_dir)
+    dist.barrier()
 
 
 def load_checkpoint(ckpt_dir, model, opt):
@@ -287,7 +316,7 @@ def check_reference(model, batch, feats, refs, cuda):
     diff = max((live[0].float() - refs[0]).abs().max().item(), (live[1].float() - refs[1]).abs().max().item())
     if diff > tol:
         raise SystemExit(f"cached reference log-probs differ from a live forward by {diff:.2e} > {tol:.1e}")
-    print(f"reference check: cached vs live max |Δ logp| = {diff:.2e} (tol {tol:.1e})")
+    say(f"reference check: cached vs live max |Δ logp| = {diff:.2e} (tol {tol:.1e})")
 
 
 def run_round(args, k, world):
@@ -295,9 +324,10 @@ def run_round(args, k, world):
     round_dir = os.path.join(run_dir, f"iter_{k}")
     out_model = os.path.join(round_dir, "model")
     if os.path.exists(os.path.join(round_dir, "meta.json")):
-        print(f"round {k}: done already ({round_dir}/meta.json); skipping")
+        say(f"round {k}: done already ({round_dir}/meta.json); skipping")
         return out_model
-    prev = base_model(args, world) if k == 1 else os.path.join(run_dir, f"iter_{k - 1}", "model")
+    prev = args.base if k == 1 else os.path.join(run_dir, f"iter_{k - 1}", "model")
+    dist.barrier()  # θ0, pools and pairs are written by rank 0 or by all ranks together; nobody runs ahead
     if not os.path.exists(os.path.join(prev, "config.json")):
         raise SystemExit(f"round {k} needs θ({k - 1}) at {prev}, which is missing; run first: "
                          f"python train.py --iter {k - 1} --run-dir {run_dir}")
@@ -309,9 +339,7 @@ def run_round(args, k, world):
     # Reference log-probs: once per round, keyed by the pairs' and the reference weights' hashes.
     ref_path = os.path.join(round_dir, "ref_logps.safetensors")
     key = cache_key(pairs_path, prev)
-    if os.path.exists(ref_path):
-        ref = load_reference(ref_path, key)
-    else:
+    if dist.rank() == 0 and not os.path.exists(ref_path):
         cuda = args.device.startswith("cuda")
         ref_model, tok, image_cfg = load_pretrained(prev, dtype=torch.bfloat16 if cuda else torch.float32,
                                                     device=args.device)
@@ -319,9 +347,14 @@ def run_round(args, k, world):
                           torch.bfloat16 if cuda else None)
         save_reference(ref_path, ref, key)
         del ref_model
+    dist.barrier()
+    ref = load_reference(ref_path, key)
     t_ref = time.time()
 
     model, tok, image_cfg = train_round(args, k, prev, round_dir, pairs, image_root, ref)
+    if dist.rank() != 0:
+        dist.barrier()  # rank 0 saves θ(k), evaluates it and writes meta.json
+        return out_model
     save_pretrained(model, out_model + ".tmp", tokenizer=tok, image_cfg=image_cfg)
     shutil.rmtree(out_model, ignore_errors=True)
     os.replace(out_model + ".tmp", out_model)  # θ(k) appears whole or not at all
@@ -334,46 +367,48 @@ def run_round(args, k, world):
                         "train": round(t_train - t_ref, 1), "eval": round(time.time() - t_train, 1)}}
     atomic_write_text(os.path.join(round_dir, "meta.json"), json.dumps(meta, indent=2))
     shutil.rmtree(os.path.join(round_dir, "checkpoint"), ignore_errors=True)  # the round is done; θ(k) is saved
+    dist.barrier()
     return out_model
 
 
 def world_pool(world, run_dir, k, n, seed):
     """Round k's fresh unlabeled world images; their scene records go to a folder SENA never reads from."""
     pool = os.path.join(run_dir, "pool", f"iter_{k}")
-    if not os.path.isdir(pool) or len(os.listdir(pool)) < n:
+    if dist.rank() == 0 and (not os.path.isdir(pool) or len(os.listdir(pool)) < n):
         labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
         os.makedirs(os.path.dirname(labels), exist_ok=True)
         world.write_split(pool, n, seed=seed * 1000 + k, prefix=f"pool{k}", labels_path=labels)
+    dist.barrier()
     return pool
-
-
-def base_model(args, world):
-    if args.base:
-        return args.base
-    return world.build_theta0(args.run_dir, seed=args.seed)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    dist.setup()
     world = None
     if args.base is None:
         from sena import world  # the embedded world: θ0, image pools and the labeled test set
     elif not (args.images or args.image_list):
         raise SystemExit("--base needs --images DIR or --image-list JSON")
     os.makedirs(args.run_dir, exist_ok=True)
+    if world:  # θ0 is built once (rank 0) and cached in the run directory; from here on it is just --base
+        if dist.rank() == 0:
+            world.build_theta0(args.run_dir, seed=args.seed)
+        dist.barrier()
+        args.base = world.build_theta0(args.run_dir, seed=args.seed)
     rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))
     t0 = time.time()
     for k in rounds:
         run_round(args, k, world)
-    if world and not args.no_eval:
-        theta0 = base_model(args, world)
-        if not os.path.exists(os.path.join(theta0, "metrics.json")):
-            evaluate.main(["--model", theta0, "--test-dir", os.path.join(args.run_dir, "test")])
-        models = [base_model(args, world)] + [os.path.join(args.run_dir, f"iter_{k}", "model")
+    if world and not args.no_eval and dist.rank() == 0:
+        if not os.path.exists(os.path.join(args.base, "metrics.json")):
+            evaluate.main(["--model", args.base, "--test-dir", os.path.join(args.run_dir, "test")])
+        models = [args.base] + [os.path.join(args.run_dir, f"iter_{k}", "model")
                                              for k in range(1, max(rounds) + 1)]
         evaluate.main(["--compare"] + [m for m in models if os.path.exists(m)])
-    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
+    say(f"done in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
     main()
+    dist.shutdown()
