@@ -11,6 +11,8 @@ Workload per image, as generate.py runs it: ask, self-check, des + gen on the cl
   ours-plain     the same without shared prefix / compaction (what each of the two saves)
   ours-merged-stages  ours with the stages that share an image run as one call (the generate.py patch), so the
                  image prefix is computed once per image instead of once per prompt
+  ours-prefix-cache  ours with one prefix_cache dict across the stages (the other generate.py patch): system text
+                 and image keys/values computed once per image per round, each later prompt prefills its own text only
   hf-batched     transformers' LlavaForConditionalGeneration.generate on the same batches, pixel_values per batch
   one-at-a-time  the released code's loop: one prompt per generate call, its image through CLIP every call
 Every contender must return the same tokens as ours (checked), so they do the same work. A random model never
@@ -73,6 +75,12 @@ def run_ours(model, pixels, work, args, **kw):
             out += generate(model, [p for _, p in b], image_features=feats[[i for i, _ in b]],
                             max_new_tokens=args.max_new_tokens, eos_token_id=2, pad_token_id=3, **kw)
     return out
+
+
+def run_ours_cached(model, pixels, work, args):
+    """Ours with one prefix cache kept across the round's stages (the generate.py patch): the system text and each
+    image's keys and values are computed at the first stage that sees the image and reused by all later ones."""
+    return run_ours(model, pixels, work, args, prefix_cache={})
 
 
 def run_ours_merged(model, pixels, work, args):
@@ -149,6 +157,7 @@ def main(argv=None):
     contenders = {"ours": lambda: run_ours(model, pixels, work, args),
                   "ours-plain": lambda: run_ours(model, pixels, work, args, share_prefix=False, compact=False),
                   "ours-merged-stages": lambda: run_ours_merged(model, pixels, work, args),
+                  "ours-prefix-cache": lambda: run_ours_cached(model, pixels, work, args),
                   "hf-batched": lambda: run_hf(hf, pixels, work, args, pad_id, eos_id)}
     if not args.skip_loop:
         contenders["one-at-a-time"] = lambda: run_loop(hf, pixels, work, args, pad_id, eos_id)
@@ -162,7 +171,7 @@ def main(argv=None):
                 outputs[name] = fn()
                 times[name].append(time.perf_counter() - t0)
     # Same work: the batched contenders return the same tokens as ours; the loop too once reordered.
-    for name in ("ours-plain", "ours-merged-stages", "hf-batched"):
+    for name in ("ours-plain", "ours-merged-stages", "ours-prefix-cache", "hf-batched"):
         assert outputs[name] == outputs["ours"], f"{name} generated different tokens from ours"
     if "one-at-a-time" in outputs:
         loop = {id(p): o for (_, p), o in zip([x for s in work for x in s], outputs["one-at-a-time"])}

@@ -14,6 +14,8 @@ Two savings on top of batching (both exact: every row sees the same tokens, keys
   rest, so a batch of short answers does not pay for its longest one (amortised: at most ~log_{4/3} B copies).
 """
 
+import hashlib
+
 import torch
 
 from sena.model import KVCache
@@ -52,7 +54,7 @@ def shared_prefix(input_ids, image_features, n_image_tokens, image_token_id):
     S = input_ids[0].index(image_token_id)
     one_image = image_features is not None and image_features.shape[0] == B and all(
         p.count(image_token_id) == n_image_tokens for p in input_ids)
-    if not one_image or S + n_image_tokens > P0:
+    if not one_image or S + n_image_tokens > P0 or any(t != image_token_id for t in input_ids[0][S:S + n_image_tokens]):
         return S, S, [0] * B
     # Group rows by identical features: a cheap fingerprint first, torch.equal to confirm.
     flat = image_features.reshape(B, -1)
@@ -67,6 +69,63 @@ def shared_prefix(input_ids, image_features, n_image_tokens, image_token_id):
     return P0, S, group
 
 
+def prefill_prefix(model, input_ids, image_features, P0, S, group, prefix_cache=None):
+    """Keys and values of the shared prefix [0, P0), one row per prefix group: a KVCache (U, n_kv, P0, hs).
+
+    [0, S) is the common text, run once; [S, E) the image block (E = S + n_image_tokens), run once per distinct
+    image; [E, P0) the common text after it, per group. prefix_cache: a dict the caller keeps across calls; the
+    text part and each image's [0, E) part are stored in it under (tokens, image digest) and reused, so the stages
+    of a round (which all start with the same system text and image) compute them once per round. It holds
+    n_images x E positions of keys and values: small for tiny models, gigabytes for a 7B one.
+    """
+    dev = model.model.language_model.embed_tokens.weight.device
+    reps = [group.index(g) for g in range(max(group) + 1)]  # first row of each prefix group
+    pre = KVCache.new(model, len(reps), P0)
+    run = lambda ids, cache, feats=None: model.hidden_states(  # noqa: E731  (only the cache is wanted)
+        torch.tensor(ids, device=dev), image_features=feats, cache=cache, keep_from=len(ids[0]) - 1)
+    if S > 0:  # the common text
+        key = ("text", tuple(input_ids[0][:S]))
+        kv = None if prefix_cache is None else prefix_cache.get(key)
+        if kv is None:
+            one = KVCache.new(model, 1, S)
+            run([input_ids[0][:S]], one)
+            kv = (one.k, one.v)
+            if prefix_cache is not None:
+                prefix_cache[key] = kv
+        for i in range(len(pre.k)):
+            pre.k[i][:, :, :S], pre.v[i][:, :, :S] = kv[0][i], kv[1][i]
+        pre.length = S
+    if P0 == S:
+        return pre
+    if prefix_cache is None:  # the image block and the text after it, once per distinct image
+        run([input_ids[r][S:P0] for r in reps], pre, image_features[reps])
+        return pre
+    E = S + model.config.n_image_tokens
+    keys = [(tuple(input_ids[r][:E]), digest(image_features[r])) for r in reps]
+    missing = [u for u, key in enumerate(keys) if key not in prefix_cache]
+    if missing:
+        part = KVCache.new(model, len(missing), E)
+        for i in range(len(part.k)):
+            part.k[i][:, :, :S], part.v[i][:, :, :S] = pre.k[i][:1, :, :S], pre.v[i][:1, :, :S]
+        part.length = S
+        run([input_ids[reps[u]][S:E] for u in missing], part, image_features[[reps[u] for u in missing]])
+        for j, u in enumerate(missing):
+            prefix_cache[keys[u]] = ([k[j : j + 1].clone() for k in part.k], [v[j : j + 1].clone() for v in part.v])
+    for u, key in enumerate(keys):
+        k_list, v_list = prefix_cache[key]
+        for i in range(len(pre.k)):
+            pre.k[i][u : u + 1, :, :E], pre.v[i][u : u + 1, :, :E] = k_list[i], v_list[i]
+    pre.length = E
+    if P0 > E:
+        run([input_ids[r][E:P0] for r in reps], pre)
+    return pre
+
+
+def digest(t):
+    """A content key for one image's features (exact: any changed bit changes it)."""
+    return hashlib.blake2b(t.detach().float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+
+
 def select_rows(cache, rows):
     """Keep only the given batch rows of a KVCache (in place). rows: (B',) long tensor."""
     cache.k = [k.index_select(0, rows) for k in cache.k]
@@ -76,7 +135,7 @@ def select_rows(cache, rows):
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, image_features=None, max_new_tokens=32, eos_token_id=None,
              pad_token_id=None, stop_strings=None, tokenizer=None, do_sample=False, temperature=1.0, top_p=1.0,
-             generator=None, share_prefix=True, compact=True):
+             generator=None, share_prefix=True, compact=True, prefix_cache=None):
     """Continue each prompt; returns the new tokens per prompt, without the EOS.
 
     input_ids: list of B token lists (image prompts hold n_image_tokens image tokens). pixel_values (n_img, 3, S, S)
@@ -85,7 +144,8 @@ def generate(model, input_ids, pixel_values=None, image_features=None, max_new_t
     (default config.pad_token_id, else config.eos_token_id; it is masked out, so its value never matters).
     stop_strings: a row also stops once its decoded new text contains one of them (needs tokenizer); the tokens
     that complete the stop string are kept, as transformers does. share_prefix / compact: the two savings of the
-    module docstring (off = the plain left-padded batch; the tests and benchmarks compare both).
+    module docstring (off = the plain left-padded batch; the tests and benchmarks compare both). prefix_cache: a dict
+    kept across calls to reuse the system text's and each image's keys and values (see prefill_prefix).
     """
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -120,17 +180,8 @@ def generate(model, input_ids, pixel_values=None, image_features=None, max_new_t
     cache = KVCache.new(model, B, P0 + T + max_new_tokens)
     feats = image_features
     if P0 > 0:
-        reps = [group.index(g) for g in range(max(group) + 1)]  # first row of each prefix group
-        pre = KVCache.new(model, len(reps), P0)
-        if S > 0:  # the common text, once, copied to every group
-            one = KVCache.new(model, 1, S)
-            model.hidden_states(torch.tensor([input_ids[0][:S]], device=dev), cache=one, keep_from=S - 1)
-            for i in range(len(pre.k)):
-                pre.k[i][:, :, :S], pre.v[i][:, :, :S] = one.k[i], one.v[i]
-            pre.length = S
-        if P0 > S:  # the image block and the text after it, once per distinct image
-            model.hidden_states(torch.tensor([input_ids[r][S:P0] for r in reps], device=dev),
-                                image_features=feats[reps], cache=pre, keep_from=P0 - S - 1)
+        pre = prefill_prefix(model, input_ids, feats, P0, S, group, prefix_cache)
+        if P0 > S:
             feats = None  # every row's image is in the prefix; none is left for the suffixes
         rows = torch.tensor(group, device=dev)
         for i in range(len(cache.k)):

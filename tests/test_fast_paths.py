@@ -146,6 +146,15 @@ def test_generation_shared_prefix_and_compaction_equal_plain():
     assert min(map(len, ref)) < 4 and max(map(len, ref)) == 12
     for kw in (dict(), dict(compact=False), dict(share_prefix=False, compact=False)):
         assert generate(model, ids, image_features=feats, max_new_tokens=12, eos_token_id=eos, **kw) == ref
+    # A prefix cache kept across calls (a round's stages): a second stage of other prompts on the same images reuses
+    # the system text and every image's keys and values, and still answers as the plain path does.
+    cache = {}
+    stage2 = [system + [IMG] * N_IMG + words(n) for n in (5, 2, 6, 3, 8, 1)]
+    for prompts_ in (ids, stage2):
+        plain_ = generate(model, prompts_, image_features=feats, max_new_tokens=8, eos_token_id=-1, share_prefix=False)
+        assert generate(model, prompts_, image_features=feats, max_new_tokens=8, eos_token_id=-1,
+                        prefix_cache=cache) == plain_
+    assert len(cache) == 1 + 3  # the system text + 3 distinct images, computed once for both stages
     # Text-only prompts (self-check without the image) share the system text only.
     text = [system + words(n) for n in (2, 5)]
     assert generate(model, text, max_new_tokens=6, eos_token_id=-1) == [uncached_greedy(model, p, None, 6, -1)
