@@ -9,6 +9,7 @@ checkpointing, β=0.1. Every contender runs in its own subprocess, so its peak R
   ours           train.train_round (train.py's loop as it is): shared-prefix forward, answer-only LM head, the
                  reference read from the cache (sena.refcache.score_pairs, timed separately and added in "+ref")
   ours-plain     the same loop with the duplicated chosen/rejected forward and full logits (sena.batch.plain_*)
+  ours-lora-patch  ours with the LoRA scaling applied to the r-wide activation (a proposed sena/lora.py change)
   trl            DPOTrainer(peft_config=LoRA) from the same directory: recomputes the reference (adapters off) every
                  step, as it must for image data (precompute_ref_log_probs is refused for vision datasets)
 """
@@ -16,6 +17,7 @@ checkpointing, β=0.1. Every contender runs in its own subprocess, so its peak R
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -46,6 +48,7 @@ def setup(args):
     model = common.model_dir(os.path.join(args.work_dir, "model"))
     imgs = common.images(os.path.join(args.work_dir, "images"), (n_pairs + 1) // 2)
     round_dir = os.path.join(args.work_dir, f"train_{n_pairs}")
+    shutil.rmtree(os.path.join(round_dir, "checkpoint"), ignore_errors=True)  # train.py would resume from it
     os.makedirs(round_dir, exist_ok=True)
     with open(os.path.join(round_dir, "pairs.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in common.pairs((n_pairs + 1) // 2)[:n_pairs])
@@ -54,13 +57,27 @@ def setup(args):
     return model, imgs, round_dir
 
 
-def child_ours(args, plain):
+def lora_scale_inside(self, x):
+    """Proposed sena/lora.py LoRALinear.forward: α/r scales the r-wide inner activation, not the out-wide result
+    (same math; one full-width multiply fewer forward and backward per adapted Linear)."""
+    out = self.base_layer(x)
+    if self.disabled:
+        return out
+    z = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+    return out + self.lora_B(self.lora_A(z) * self.scaling).to(out.dtype)
+
+
+def child_ours(args, plain, lora_patch=False):
     import torch
 
     torch.set_num_threads(args.threads)
     import train
     from sena import batch as B
     from sena import refcache
+    from sena.lora import LoRALinear
+
+    if lora_patch:
+        LoRALinear.forward = lora_scale_inside
     from sena.io import read_jsonl
     from sena.model import load_pretrained
 
@@ -136,13 +153,14 @@ def child_trl(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
-        res = child_trl(args) if args.child == "trl" else child_ours(args, plain=args.child == "ours-plain")
+        res = child_trl(args) if args.child == "trl" else child_ours(args, plain=args.child == "ours-plain",
+                                                                    lora_patch=args.child == "ours-lora-patch")
         print(json.dumps(res))
         return res
     setup(args)  # build once, outside the timed children
     flags = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
              "--work-dir", args.work_dir]
-    runs = {k: [] for k in ("ours", "ours-plain", "trl")}
+    runs = {k: [] for k in ("ours", "ours-lora-patch", "ours-plain", "trl")}
     for _ in range(args.repeats):  # interleaved, so load changes on the shared machine hit all contenders
         for name in runs:
             runs[name].append(common.run_child(os.path.join(HERE, "bench_train.py"), flags + ["--child", name]))
@@ -153,6 +171,7 @@ def main(argv=None):
     rows = []
     for name, label, secs in (("ours", "ours (train.py loop)", med("ours", "train_s")),
                               ("ours", "ours + reference pass", med("ours", "train_s") + med("ours", "ref_s")),
+                              ("ours-lora-patch", "ours + proposed lora.py patch", med("ours-lora-patch", "train_s")),
                               ("ours-plain", "ours-plain (duplicated prompt, full logits)",
                                med("ours-plain", "train_s")),
                               ("ours-plain", "ours-plain + reference pass",
