@@ -106,7 +106,7 @@ def load_round(run_dir, k):
     labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
     scenes = {sc["image"]: sc for sc in jsonl(labels, ("image", "objects"))} if os.path.exists(labels) else None
     metrics = load_json(os.path.join(d, "model", "metrics.json")) or load_json(os.path.join(d, "metrics.json"))
-    return {"k": k, "dir": d, "pairs": pairs, "logs": logs, "scenes": scenes, "metrics": metrics,
+    return {"k": k, "pairs": pairs, "logs": logs, "scenes": scenes, "metrics": metrics,
             "report": load_json(os.path.join(d, "report.json")) or {}, "meta": load_json(os.path.join(d, "meta.json"))}
 
 
