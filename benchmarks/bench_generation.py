@@ -9,9 +9,7 @@ Workload per image, as generate.py runs it: ask, self-check, des + gen on the cl
   ours           sena.generation.generate with image features computed once per image (generate.py's way),
                  shared prefix and finished-row compaction on
   ours-plain     the same without shared prefix / compaction (what each of the two saves)
-  ours-merged-stages  ours with the stages that share an image run as one call (the generate.py patch), so the
-                 image prefix is computed once per image instead of once per prompt
-  ours-prefix-cache  ours with one prefix_cache dict across the stages (the other generate.py patch): system text
+  ours-prefix-cache  ours with one prefix_cache dict across the stages (the generate.py patch): system text
                  and image keys/values computed once per image per round, each later prompt prefills its own text only
   hf-batched     transformers' LlavaForConditionalGeneration.generate on the same batches, pixel_values per batch
   one-at-a-time  the released code's loop: one prompt per generate call, its image through CLIP every call
@@ -83,25 +81,6 @@ def run_ours_cached(model, pixels, work, args):
     return run_ours(model, pixels, work, args, prefix_cache={})
 
 
-def run_ours_merged(model, pixels, work, args):
-    """Ours with the stages that share an image merged (generate.py patch): clean des+gen, noised des+gen and the two
-    enhancements run as one call each, the two prompts of an image adjacent in one batch, so the image prefix is
-    computed once per image. Returns the outputs in run_ours's order."""
-    feats = torch.cat([model.encode_images(pixels[s : s + 64]) for s in range(0, len(pixels), 64)])
-    got = {}
-    for group in ([work[0]], [work[1]], [work[2], work[4]], [work[3], work[5]], [work[6], work[7]]):
-        rows = [x for pair in zip(*group) for x in pair]  # image-major: (des_i, gen_i), ...
-        k = len(group)
-        longest = [max(len(rows[i * k + j][1]) for j in range(k)) for i in range(len(rows) // k)]
-        order = [i * k + j for i in sorted(range(len(longest)), key=longest.__getitem__) for j in range(k)]
-        for s in range(0, len(order), args.batch_size):
-            b = [rows[j] for j in order[s : s + args.batch_size]]
-            for (_, p), o in zip(b, generate(model, [p for _, p in b], image_features=feats[[i for i, _ in b]],
-                                             max_new_tokens=args.max_new_tokens, eos_token_id=2, pad_token_id=3)):
-                got[id(p)] = o
-    return [got[id(p)] for _, p in flat_order(work, args.batch_size)]
-
-
 def run_hf(hf, pixels, work, args, pad_id, eos_id):
     out = []
     for stage in work:
@@ -156,7 +135,6 @@ def main(argv=None):
 
     contenders = {"ours": lambda: run_ours(model, pixels, work, args),
                   "ours-plain": lambda: run_ours(model, pixels, work, args, share_prefix=False, compact=False),
-                  "ours-merged-stages": lambda: run_ours_merged(model, pixels, work, args),
                   "ours-prefix-cache": lambda: run_ours_cached(model, pixels, work, args),
                   "hf-batched": lambda: run_hf(hf, pixels, work, args, pad_id, eos_id)}
     if not args.skip_loop:
@@ -171,7 +149,7 @@ def main(argv=None):
                 outputs[name] = fn()
                 times[name].append(time.perf_counter() - t0)
     # Same work: the batched contenders return the same tokens as ours; the loop too once reordered.
-    for name in ("ours-plain", "ours-merged-stages", "ours-prefix-cache", "hf-batched"):
+    for name in ("ours-plain", "ours-prefix-cache", "hf-batched"):
         assert outputs[name] == outputs["ours"], f"{name} generated different tokens from ours"
     if "one-at-a-time" in outputs:
         loop = {id(p): o for (_, p), o in zip([x for s in work for x in s], outputs["one-at-a-time"])}
