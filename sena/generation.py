@@ -6,12 +6,14 @@ the same prompt alone: batched output equals per-sample output (tested). The ima
 once, at the prefill (whose last layer runs only at the last column, the one whose logits are read); each later
 step feeds one token per row and reuses the cached keys and values.
 
-Two savings on top of batching (both exact: every row sees the same tokens, keys and positions as alone):
+Three savings on top of batching (all exact: every row sees the same tokens, keys and positions as alone):
 - shared prefix: the tokens every prompt starts with (the system text, and the image block when rows show the same
   image) are run once per distinct image, their keys and values copied to the rows that share them; rows are laid
   out [shared prefix | left padding | own suffix], positions still cumsum(mask) - 1;
 - finished rows leave the batch: once a quarter of the running rows have stopped, the cache is compacted to the
-  rest, so a batch of short answers does not pay for its longest one (amortised: at most ~log_{4/3} B copies).
+  rest, so a batch of short answers does not pay for its longest one (amortised: at most ~log_{4/3} B copies);
+- across calls (prefix_cache): a round's stages all start with the same system text and image, so their keys and
+  values are kept per image and each later prompt prefills only its own words.
 """
 
 import hashlib
