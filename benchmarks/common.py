@@ -113,7 +113,11 @@ def peak_rss_mb():
 
 def machine():
     load = os.getloadavg()
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "load_1m_at_start": round(load[0], 2),
             "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
