@@ -53,6 +53,11 @@ def parse_args(argv):
     p.add_argument("--noise-step", type=int, default=600, help="diffusion step t of the rejected image (of 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per answer, in tokens")
+    p.add_argument("--prefix-cache-gb", type=float, default=2.0,
+                   help="memory (GB) for reusing the system text's and each image's keys/values across stages; "
+                        "used only when a shard's images fit (0: off)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; use 1 per process when runs share the cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p.parse_args(argv)
 
@@ -82,7 +87,7 @@ def run_prompts(model, tok, feats, users, args, stage, keys, with_image=True):
             idx = order[s : s + args.batch_size]
             new = generate(model, [ids[i] for i in idx], image_features=feats[idx] if with_image else None,
                            max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)
+                           pad_token_id=tok.pad_token_id, prefix_cache=getattr(args, "prefix_cache", None))
             for i, toks in zip(idx, new):
                 done[keys[i]] = tok.decode(toks, skip_special_tokens=True).strip()
                 f.write(json.dumps({"key": keys[i], "text": done[keys[i]]}) + "\n")
@@ -149,6 +154,15 @@ def enhance(model, tok, feats, descriptions, questions, answers, args, stage, ke
     return [parse_improved(t) for t in run_prompts(model, tok, feats, users, args, stage, keys)]
 
 
+def prefix_cache_bytes(model, tok, n_images):
+    """Bytes of keys and values the prefix cache holds for n_images (system text + image block each)."""
+    cfg, t = model.config, model.config.text
+    n_pos = len(encode_prompt(tok, "", cfg.n_image_tokens, cfg.image_token_index))
+    hs = t.head_dim or t.hidden_size // t.num_attention_heads
+    bytes_per = model.model.language_model.embed_tokens.weight.element_size()
+    return n_images * n_pos * t.num_hidden_layers * 2 * t.num_key_value_heads * hs * bytes_per
+
+
 COUNTS = ("images", "images_unreadable", "questions_raw", "self_check_dropped", "self_check_rewritten",
           "questions_name_dropped", "questions_kept", "se_accepted_des", "se_accepted_gen", "candidate_pairs")
 
@@ -180,6 +194,10 @@ def run_shard(args, paths, root, out):
         return [], counts
     clean_feats = encode_images(model, torch.stack(clean).to(args.device, dtype), args.batch_size)
     noised_feats = encode_images(model, torch.stack(noised).to(args.device, dtype), args.batch_size)
+    # Keys/values of the system text and of each image (clean and noised) are computed at the first stage that sees
+    # them and reused by all later ones (sena.generation): later prompts prefill their own words only.
+    fits = prefix_cache_bytes(model, tok, 2 * len(names)) <= args.prefix_cache_gb * 2**30
+    args.prefix_cache = {} if fits else None
 
     raw_q, questions = ask_questions(model, tok, clean_feats, names, args, counts)
     keep = [i for i, q in enumerate(questions) if q is not None]
@@ -218,12 +236,15 @@ def run_shard(args, paths, root, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads and not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     rank, world = dist.setup()
     os.makedirs(args.out, exist_ok=True)
     # Stage files from an interrupted run are reused only under the same settings (batch size aside: greedy
     # answers do not depend on how prompts are batched, tests/test_generation.py).
-    sig = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "out")}
+    sig = {k: v for k, v in vars(args).items()
+           if k not in ("batch_size", "device", "out", "prefix_cache_gb", "threads")}
     args.signature = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
     paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images)
 

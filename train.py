@@ -80,6 +80,8 @@ def parse_args(argv):
     p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--no-eval", action="store_true", help="skip evaluate.py after each round")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; use 1 per process when runs share the cores)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint trainable weights + optimizer every N steps")
     p.add_argument("--max-bad-steps", type=int, default=10,
                    help="skip a step with a non-finite loss; stop the run after this many")
@@ -206,7 +208,8 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     # so the step number is the data position. log.jsonl keeps only the lines of steps before the resumed one.
     ckpt_dir = os.path.join(round_dir, "checkpoint")
     start, bad_steps = 0, 0
-    if os.path.exists(os.path.join(ckpt_dir, "state.json")):
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if os.path.exists(os.path.join(ckpt_dir, "latest.json")):
         start, bad_steps = load_checkpoint(ckpt_dir, model, opt)
         say(f"iter {k}: resuming from {ckpt_dir} at step {start}")
     log_path = os.path.join(round_dir, "log.jsonl")
@@ -268,33 +271,38 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
 
 
 def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
-    """Trainable weights, AdamW moments and the step, written atomically (temp folder + rename) by rank 0."""
+    """Trainable weights, AdamW moments, RNG and the step, by rank 0. Each checkpoint is a new folder step_<n>;
+    latest.json is switched to it atomically and only then are older folders removed, so a kill at any moment
+    leaves a complete checkpoint that latest.json names."""
     if dist.rank() != 0:
         dist.barrier()
         return
-    tmp = ckpt_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    name = f"step_{step:06d}"
+    path = os.path.join(ckpt_dir, name)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-              os.path.join(tmp, "trainable.safetensors"))
+              os.path.join(path, "trainable.safetensors"))
     state = {f"{i}.{k}": v.contiguous() for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
     state["torch_rng"] = torch.get_rng_state()  # LoRA dropout draws from it
-    save_file(state, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "bad_steps": bad_steps}, f)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    os.replace(tmp, ckpt_dir)
+    save_file(state, os.path.join(path, "optimizer.safetensors"))
+    atomic_write_text(os.path.join(ckpt_dir, "latest.json"),
+                      json.dumps({"dir": name, "step": step, "bad_steps": bad_steps}))
+    for old in os.listdir(ckpt_dir):
+        if old.startswith("step_") and old != name:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
 
 
 def load_checkpoint(ckpt_dir, model, opt):
-    """Restore a checkpoint into the model and optimizer; returns (next step, bad steps so far)."""
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
+    """Restore the checkpoint latest.json names into the model and optimizer; returns (next step, bad steps)."""
+    with open(os.path.join(ckpt_dir, "latest.json")) as f:
         state = json.load(f)
+    path = os.path.join(ckpt_dir, state["dir"])
     params = dict(model.named_parameters())
-    for n, v in load_file(os.path.join(ckpt_dir, "trainable.safetensors")).items():
+    for n, v in load_file(os.path.join(path, "trainable.safetensors")).items():
         params[n].data.copy_(v)
-    flat = load_file(os.path.join(ckpt_dir, "optimizer.safetensors"))
+    flat = load_file(os.path.join(path, "optimizer.safetensors"))
     torch.set_rng_state(flat.pop("torch_rng"))
     sd = opt.state_dict()
     sd["state"] = {}
@@ -384,6 +392,8 @@ def world_pool(world, run_dir, k, n, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads and not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
     dist.setup()
     world = None
     if args.base is None:

@@ -123,4 +123,4 @@ def test_non_finite_loss_skips_step_then_stops(tmp_path, monkeypatch, capsys):
     assert out.count("step skipped") == 3
     log = [json.loads(x) for x in open(tmp_path / "run" / "iter_1" / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 2, 4] and log[-1]["bad_steps"] == 2  # only good steps are logged
-    assert (tmp_path / "run" / "iter_1" / "checkpoint" / "state.json").exists()  # the work so far is kept
+    assert (tmp_path / "run" / "iter_1" / "checkpoint" / "latest.json").exists()  # the work so far is kept

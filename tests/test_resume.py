@@ -35,16 +35,16 @@ def lines(path):
 
 def test_generate_killed_then_rerun_equals_uninterrupted(tmp_path):
     base = tiny.model_dir(tmp_path / "base")
-    imgs = tiny.images(tmp_path / "pool", 12)
+    imgs = tiny.images(tmp_path / "pool", 20)
     cmd = [sys.executable, "generate.py", "--model", base, "--images", imgs, "--max-new-tokens", "16",
            "--batch-size", "1", "--round", "1"]
     subprocess.run(cmd + ["--out", str(tmp_path / "full")], cwd=ROOT, env=ENV, check=True, capture_output=True)
     out = tmp_path / "killed"
-    kill_when(cmd + ["--out", str(out)], lambda: lines(out / "stages" / "ask.jsonl") >= 4, out / "pairs.jsonl")
+    kill_when(cmd + ["--out", str(out)], lambda: lines(out / "stages" / "ask.jsonl") >= 3, out / "pairs.jsonl")
     subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, env=ENV, check=True, capture_output=True)
     assert (out / "pairs.jsonl").read_bytes() == (tmp_path / "full" / "pairs.jsonl").read_bytes()
     # The rerun generated only the missing answers: each stage file holds one line per key plus its header.
-    assert lines(out / "stages" / "ask.jsonl") == 12 + 1
+    assert lines(out / "stages" / "ask.jsonl") == 20 + 1
 
 
 def test_train_killed_then_rerun_equals_uninterrupted(tmp_path):
