@@ -68,7 +68,9 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return out
         z = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return out + (self.scaling * self.lora_B(self.lora_A(z))).to(out.dtype)
+        # α/r scales the r-wide inner activation, not the out-wide result: same math, one full-width multiply
+        # fewer in the forward and in the backward.
+        return out + self.lora_B(self.lora_A(z) * self.scaling).to(out.dtype)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}"
