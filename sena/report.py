@@ -27,7 +27,7 @@ CURVES = (("loss", ("loss", "dpo", "ica")), ("reward margin", ("rewards/margins"
           ("reward accuracy", ("rewards/accuracies",)), ("rewards", ("rewards/chosen", "rewards/rejected")),
           ("log-probs", ("logps/chosen", "logps/rejected")), ("grad norm", ("grad_norm",)))  # fmt: skip
 STAGES = ("images", "images_unreadable", "questions_raw", "self_check_dropped", "self_check_rewritten",
-          "questions_name_dropped", "questions_kept", "candidate_pairs")  # fmt: skip
+          "questions_name_dropped", "questions_kept", "se_accepted_des", "se_accepted_gen", "candidate_pairs")
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222;background:#fff}
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;border-bottom:2px solid #ccc;margin-top:28px}h3{font-size:15px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
