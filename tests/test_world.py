@@ -171,7 +171,8 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
     from sena.model import load_pretrained
     from sena.world import build_theta0
 
-    kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4)
+    kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
+              vision_steps=2, align_steps=2, vision_batch=4)
     a = build_theta0(str(tmp_path / "a"), **kw)
     b = build_theta0(str(tmp_path / "b"), **kw)
     meta_a, meta_b = (json.load(open(os.path.join(p, "meta.json"))) for p in (a, b))
@@ -206,6 +207,7 @@ def test_shared_prefix_packing_equals_unpacked_loss_and_grads():
     pv = torch.randn(2, 3, 72, 72, dtype=torch.float64)
     packed = pack_rows(rows, rows[0][0][0].index(img) + n_tok, tok.pad_token_id)
     flat = collate([e for row in rows for e in row], tok.pad_token_id)
+    flat["example"] = flat["attention_mask"]  # one example per row
     assert packed["input_ids"].numel() < flat["input_ids"].numel()  # the prefix is stored once per image
 
     def loss_and_grads(batch, pixel_values):

@@ -28,14 +28,15 @@ from sena.chat import build_example
 from sena.image import default_image_cfg
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
 from sena.world.render import IMAGE_SIZE, render
-from sena.world.scenes import COOC, sample_scenes
+from sena.world.scenes import COLORS, COOC, SHAPES, SIZES, sample_scenes
 from sena.world.tasks import Noise, sample_examples
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
-# θ0's shape: 72 px / 12 px patches -> 36 image tokens; ~2.3M parameters (see build_theta0's docstring).
-MODEL = dict(vision_hidden=128, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
-             text_kv_heads=2, text_intermediate=512, patch=12)
-TRAIN = dict(steps=700, batch_size=8, n_images=6000, per_image=4, lr=2e-3, warmup=50, weight_decay=0.01)
+# θ0's shape: 72 px / 24 px patches -> 9 image tokens, one per grid cell (see build_theta0's docstring).
+MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
+             text_kv_heads=6, text_intermediate=512, patch=24, tie=True)
+TRAIN = dict(steps=600, batch_size=8, n_images=6000, per_image=4, lr=2e-3, warmup=50, weight_decay=0.01,
+             vision_steps=400, vision_batch=64, vision_lr=3e-3, align_steps=600)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -68,7 +69,8 @@ def model_config(tok, **over) -> ModelConfig:
                           image_size=IMAGE_SIZE, patch_size=m["patch"])
     text = TextConfig(vocab_size=len(tok), hidden_size=m["text_hidden"], intermediate_size=m["text_intermediate"],
                       num_hidden_layers=m["text_layers"], num_attention_heads=m["text_heads"],
-                      num_key_value_heads=m["text_kv_heads"], max_position_embeddings=512)
+                      num_key_value_heads=m["text_kv_heads"], max_position_embeddings=512,
+                      tie_word_embeddings=m["tie"])
     return ModelConfig(vision, text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
@@ -117,17 +119,122 @@ def pack_rows(examples, prefix_len, pad_token_id):
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T): key column <= query column
     sq, sk = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
     mask = causal & (sk >= 0) & ((sk == 0) | (sk == sq))  # (B, T, T)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
+            "example": segment.clamp(min=0)}
 
 
-def answer_loss(model, batch, pixel_values):
-    """Mean cross-entropy over answer tokens; the LM head runs only where a label follows (t predicts t+1)."""
+def answer_loss(model, batch, pixel_values=None, image_features=None):
+    """Cross-entropy over answer tokens, averaged within each example, then over examples.
+
+    Per-example averaging gives a one-word VQA answer the weight of a 30-token description; per-token averaging
+    would spend ~90% of the gradient on descriptions and long rewrites. The LM head runs only where a label
+    follows (t predicts t+1). batch["example"] (B, T) numbers the examples of a row (0 = none), as pack_rows makes.
+    """
     labels = batch["labels"]
     sel = torch.zeros_like(labels, dtype=torch.bool)
     sel[:, :-1] = labels[:, 1:] != -100
     logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=pixel_values,
-                   position_ids=batch.get("position_ids"), logits_slice=sel)  # (n_answer_tokens, V)
-    return F.cross_entropy(logits.float(), labels[:, 1:][sel[:, :-1]])
+                   image_features=image_features, position_ids=batch.get("position_ids"),
+                   logits_slice=sel)  # (n_answer_tokens, V)
+    nll = F.cross_entropy(logits.float(), labels[:, 1:][sel[:, :-1]], reduction="none")  # (n,)
+    if "example" not in batch:
+        return nll.mean()
+    row = torch.arange(labels.shape[0])[:, None].expand_as(labels)[:, 1:][sel[:, :-1]]
+    ex = batch["example"][:, 1:][sel[:, :-1]] + row * (int(batch["example"].max()) + 1)  # unique example id
+    _, ex = ex.unique(return_inverse=True)
+    count = torch.zeros(int(ex.max()) + 1).index_add_(0, ex, torch.ones_like(nll))
+    return (nll / count[ex]).sum() / len(count)
+
+
+def cell_targets(scenes, grid: int) -> torch.Tensor:
+    """(N, grid*grid, 3) per-patch labels: the (shape, colour, size) index of the object in the patch's 3x3 cell,
+    len(SHAPES) / len(COLORS) / len(SIZES) for an empty cell."""
+    out = torch.empty(len(scenes), grid * grid, 3, dtype=torch.long)
+    for n, sc in enumerate(scenes):
+        cells = {(o["row"], o["col"]): o for o in sc["objects"]}
+        for p in range(grid * grid):
+            o = cells.get((p // grid * 3 // grid, p % grid * 3 // grid))
+            out[n, p] = torch.tensor([SHAPES.index(o["shape"]), COLORS.index(o["color"]), SIZES.index(o["size"])]
+                                     if o else [len(SHAPES), len(COLORS), len(SIZES)])
+    return out
+
+
+def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, lr):
+    """Stage 1: the vision tower learns to name the object in each patch's cell (linear heads, dropped afterwards).
+
+    LLaVA starts from a pretrained CLIP and keeps it frozen; our tower starts from scratch, and a language model
+    trained jointly with a blank tower learns the caption prior long before it learns to look (its image tokens
+    drift to a large constant and stop carrying content). So the tower is pretrained here and frozen afterwards.
+    Loss: sum over (shape, colour, size) of the mean per-patch cross-entropy of linear heads on the features LLaVA
+    reads (hidden states of layer vision_feature_layer, CLS dropped). Labels are world labels, as everywhere in the
+    θ0 build.
+    """
+    tower, c = model.model.vision_tower, model.config
+    layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
+    splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1]
+    heads = torch.nn.Linear(c.vision.hidden_size, sum(splits))
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
+    losses = []
+    for step in range(steps):
+        idx = [rng.randrange(len(images)) for _ in range(batch_size)]
+        h = tower(pixels(images[idx], image_cfg), layer)[:, 1:]  # (B, N, Dv)
+        logits = heads(h).split(splits, dim=-1)
+        loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
+                   for k, lg in enumerate(logits))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-20:]) / max(1, len(losses[-20:]))
+
+
+def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr):
+    """Stage 1b: the projector learns to write each cell's words into its image token.
+
+    Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
+    E[▁small] + E[▁red] + E[▁star] + E[▁top] + E[▁left], or E[▁nothing] + position words for an empty cell. With
+    tied input/output embeddings a language model can then copy "red" out of the star's image token from its first
+    steps, instead of discovering an image code first. Loss: squared error relative to the targets' mean squared
+    norm. feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
+    """
+    from sena.world.scenes import POSITIONS
+
+    embed = model.model.language_model.embed_tokens.weight.detach()
+    grid = int(round(feats.shape[1] ** 0.5))
+    wid = lambda w: tok.convert_tokens_to_ids("▁" + w)  # noqa: E731
+    target = torch.zeros(len(scenes), feats.shape[1], embed.shape[1])
+    for n, sc in enumerate(scenes):
+        cells = {(o["row"], o["col"]): o for o in sc["objects"]}
+        for p in range(feats.shape[1]):
+            r, c = p // grid * 3 // grid, p % grid * 3 // grid
+            o = cells.get((r, c))
+            words = ([o["size"], o["color"], o["shape"]] if o else ["nothing"]) + POSITIONS[3 * r + c].split()
+            target[n, p] = embed[[wid(w) for w in words]].sum(0)
+    proj = model.model.multi_modal_projector
+    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
+    scale = target.pow(2).sum(-1).mean()
+    losses = []
+    for step in range(steps):
+        idx = [rng.randrange(len(scenes)) for _ in range(batch_size)]
+        loss = (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / scale
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-20:]) / max(1, len(losses[-20:]))
+
+
+@torch.no_grad()
+def tower_features(model, images, image_cfg, chunk=256) -> torch.Tensor:
+    """(N, n_image_tokens, Dv): the frozen tower's features LLaVA reads (layer vision_feature_layer, CLS dropped)."""
+    c = model.config
+    layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
+    return torch.cat([model.model.vision_tower(pixels(images[s: s + chunk], image_cfg), layer)[:, 1:]
+                      for s in range(0, len(images), chunk)])
 
 
 def make_batches(rng, lengths, batch_size, n_batches):
@@ -209,23 +316,38 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     prefix_len = rows[0][0][0].index(img_id) + n_tok  # BOS + system line + "USER:" + image tokens
     batches = make_batches(rng, [sum(len(e[0]) for e in row) for row in rows], tr["batch_size"], tr["steps"])
     t_data = time.time() - t0
+    grid = config.vision.image_size // config.vision.patch_size
+    vloss = pretrain_vision(model, images, cell_targets(scenes, grid), image_cfg, rng, tr["vision_steps"],
+                            tr["vision_batch"], tr["vision_lr"])
+    feats = tower_features(model, images, image_cfg)  # the tower is frozen from here on: compute it once
+    ploss = align_projector(model, feats, scenes, tok, rng, tr["align_steps"], tr["vision_batch"], tr["vision_lr"])
+    print(f"theta0: vision tower pretrained ({tr['vision_steps']} steps, loss {vloss:.4f}), projector aligned "
+          f"({tr['align_steps']} steps, loss {ploss:.4f}) at {time.time() - t0:.0f}s")
     print(f"theta0: {len(scenes)} images, {n_rows} rows x {tr['per_image']} examples ready in {t_data:.1f}s; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {tr['steps']} steps")
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    # Stage 2: the tower and the aligned projector stay frozen; the language model learns the instruction mix.
+    # (Trained jointly, the projector lets the language model blow the image tokens up to a large, nearly constant
+    # vector within a few hundred steps, and the image content is lost.)
+    model.model.vision_tower.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(False)
+    with torch.no_grad():
+        image_features = model.model.multi_modal_projector(feats)  # (N, n_image_tokens, D)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tr["lr"], betas=(0.9, 0.98))
     model.train()
     log = []
     for step, idx in enumerate(batches):
         batch = pack_rows([rows[i] for i in idx], prefix_len, config.pad_token_id)
-        loss = answer_loss(model, batch, pixels(images[[owner[i] for i in idx]], image_cfg))
+        loss = answer_loss(model, batch, image_features=image_features[[owner[i] for i in idx]])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
         opt.step()
         log.append(loss.item())
         if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
@@ -242,6 +364,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     save_tokenizer(tok, tmp)
     meta = {"complete": True, "seed": seed, "train": tr, "model": MODEL | (model_over or {}), "noise": vars(noise),
             "threads": torch.get_num_threads(), "final_loss": sum(log[-20:]) / max(1, len(log[-20:])),
+            "vision_loss": vloss,
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
             "data_seconds": round(t_data, 1),
             "weights_sha256": weights_hash(model), "n_examples": n_rows * tr["per_image"]}

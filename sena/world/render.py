@@ -1,8 +1,9 @@
 """Draw a scene record as a small RGB image (PIL + numpy, deterministic from the record).
 
-Size: 72 px with a 3x3 grid of 24 px cells. A vision tower with 12 px patches sees each cell as exactly 2x2 patches
-and the whole image as 36 tokens — few image tokens keep the θ0 build and every SENA forward cheap on a CPU, while
-a large shape (~20 px) still spans a cell and a small one (~12 px) covers about a patch.
+Size: 72 px with a 3x3 grid of 24 px cells. θ0's vision tower uses 24 px patches, so each cell is exactly one
+image token (9 in all): a tiny language model trained for minutes binds "the star" to its colour and place far more
+easily among 9 object slots than among 36 patch fragments, and every SENA forward stays cheap on a CPU. A large
+shape (~20 px) fills most of its cell, a small one (~12 px) sits anywhere within it.
 Shapes are drawn as masks at 4x resolution and box-filtered down, so edges are anti-aliased and a star, a cross
 and a heart stay distinguishable at 12 px.
 """

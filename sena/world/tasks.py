@@ -182,7 +182,7 @@ def make_example(rng, scene: dict, kind: str, noise: Noise) -> tuple[str, str]:
         return P.SELF_CHECK.format(question=q), f"{P.QUESTION_MARKER} {q}"
     # improve: a description (the model's own, so sometimes wrong), a question, a current answer.
     if rng.random() < 0.25:  # a description answer being improved
-        q = rng.choice(P.DESCRIBE_PROMPTS) + (P.DES_SUFFIX if rng.random() < 0.5 else "")
+        q = rng.choice(P.DESCRIBE_PROMPTS) + (P.DES_SUFFIX if rng.random() < 0.7 else "")
         u = rng.random()
         cur = L.describe(scene) if u < 0.4 else (noisy_description(rng, scene, Noise(desc_hal=(1.0, 1.0)))
                                                  if u < 0.7 else wrong_description(rng, scene))
@@ -195,6 +195,8 @@ def make_example(rng, scene: dict, kind: str, noise: Noise) -> tuple[str, str]:
         desc = "Yes" if u < 0.1 else (L.describe(scene) if u < 0.6 else noisy_description(rng, scene, noise)
                                       if u < 0.85 else wrong_description(rng, scene))
         target = L.precise_answer(scene, q)
+        # SENA's generate.py passes the whole short-answer prompt (question + GEN_SUFFIX) as the question.
+        q = q + P.GEN_SUFFIX if rng.random() < 0.7 else q
     user = (P.IMPROVE_NO_DESCRIPTION.format(question=q, answer=cur) if desc == "Yes"
             else P.IMPROVE.format(description=desc, question=q, answer=cur))
     return user, f"{P.IMPROVED_MARKER} {target}"
