@@ -36,7 +36,8 @@ from sena.world.tokenizer import build_tokenizer, save_tokenizer
 MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
              text_kv_heads=6, text_intermediate=512, patch=24, tie=True)
 TRAIN = dict(steps=600, batch_size=8, n_images=6000, per_image=4, lr=2e-3, warmup=50, weight_decay=0.01,
-             vision_steps=400, vision_batch=64, vision_lr=3e-3, align_steps=600)
+             vision_steps=400, vision_batch=64, vision_lr=3e-3, align_steps=600,
+             align_scale=16.0)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -190,7 +191,7 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     return sum(losses[-20:]) / max(1, len(losses[-20:]))
 
 
-def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr):
+def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0):
     """Stage 1b: the projector learns to write each cell's words into its image token.
 
     Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
@@ -198,6 +199,8 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr):
     tied input/output embeddings a language model can then copy "red" out of the star's image token from its first
     steps, instead of discovering an image code first. Loss: squared error relative to the targets' mean squared
     norm. feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
+    scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
+    image tokens are swamped by the first layer's residual updates and the language model never reads them.
     """
     from sena.world.scenes import POSITIONS
 
@@ -211,14 +214,14 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr):
             r, c = p // grid * 3 // grid, p % grid * 3 // grid
             o = cells.get((r, c))
             words = ([o["size"], o["color"], o["shape"]] if o else ["nothing"]) + POSITIONS[3 * r + c].split()
-            target[n, p] = embed[[wid(w) for w in words]].sum(0)
+            target[n, p] = scale * embed[[wid(w) for w in words]].sum(0)
     proj = model.model.multi_modal_projector
     opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
-    scale = target.pow(2).sum(-1).mean()
+    norm = target.pow(2).sum(-1).mean()
     losses = []
     for step in range(steps):
         idx = [rng.randrange(len(scenes)) for _ in range(batch_size)]
-        loss = (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / scale
+        loss = (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
         opt.zero_grad(set_to_none=True)
@@ -280,10 +283,12 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
                  **train_over) -> str:
     """Train θ0 on the world mix and save it to run_dir/theta0 (skipped when a complete one is there).
 
-    Sizes: 72 px images with 12 px patches give 36 image tokens, so a sequence is ~70 prefix tokens (system line +
-    image) plus the prompt and answer; a 4-layer, 192-wide Llama and a 3-layer, 128-wide ViT (~2.3M parameters)
-    learn colours, shapes, positions and every output format within the budget of a few minutes on 2 cores.
-    train_over: steps, batch_size, n_images, per_image, lr, warmup, weight_decay (defaults in TRAIN).
+    Stages: (1) the ViT learns per-cell labels with linear heads, then freezes; (1b) the projector learns to write
+    each cell's words into its image token, then freezes; (2) the language model (tied embeddings) learns the
+    instruction mix, several examples of one image packed per row behind one shared prefix.
+    Sizes: 72 px images with 24 px patches give 9 image tokens (one per cell); a 4-layer, 192-wide Llama and a
+    3-layer, 256-wide ViT (~4.7M parameters, ~0.8M of it the ViT's last layer, which LLaVA never reads).
+    train_over: any key of TRAIN (steps, batch_size = images per step, per_image = examples per image, ...).
     Returns the path of the saved directory.
     """
     out = os.path.join(run_dir, "theta0")
@@ -320,7 +325,8 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     vloss = pretrain_vision(model, images, cell_targets(scenes, grid), image_cfg, rng, tr["vision_steps"],
                             tr["vision_batch"], tr["vision_lr"])
     feats = tower_features(model, images, image_cfg)  # the tower is frozen from here on: compute it once
-    ploss = align_projector(model, feats, scenes, tok, rng, tr["align_steps"], tr["vision_batch"], tr["vision_lr"])
+    ploss = align_projector(model, feats, scenes, tok, rng, tr["align_steps"], tr["vision_batch"], tr["vision_lr"],
+                            tr["align_scale"])
     print(f"theta0: vision tower pretrained ({tr['vision_steps']} steps, loss {vloss:.4f}), projector aligned "
           f"({tr['align_steps']} steps, loss {ploss:.4f}) at {time.time() - t0:.0f}s")
     print(f"theta0: {len(scenes)} images, {n_rows} rows x {tr['per_image']} examples ready in {t_data:.1f}s; "
