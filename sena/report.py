@@ -36,7 +36,8 @@ th{background:#f0f0f0}td.l,th.l{text-align:left}.up{color:#070}.down{color:#b00}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px}.imgs{display:flex;gap:6px}
 .imgs figure{margin:0;font-size:11px;color:#666;text-align:center}
 .imgs img{width:132px;height:132px;object-fit:contain;image-rendering:pixelated;border:1px solid #ddd}
-.card td,.card th{text-align:left;overflow-wrap:anywhere;vertical-align:top;font-size:13px}
+.card td,.card th{text-align:left;overflow-wrap:break-word;vertical-align:top;font-size:13px}
+.card table{width:100%}.card td:first-child{white-space:nowrap}
 .ok{background:#d8f5d8;color:#060;padding:0 4px}.bad{background:#fadada;color:#a00;padding:0 4px}
 .na{background:#eee;color:#666;padding:0 4px}.arrow{color:#888}img.curves{max-width:100%}"""
 
@@ -173,7 +174,7 @@ def gallery(run_dir, r, n_images, score_pairs):
         cards.append(f'<div class="card"><div class="imgs">{figs}</div><div class="muted">{e(name)}</div>'
                      f'<div><b>question:</b> {e(q_raw)} {qm[0]} <span class="arrow">→ checked:</span> {e(q_chk)} '
                      f"{qm[1]}{same}</div><table><tr><th>type</th><th>prompt</th><th>chosen (raw → enhanced)</th>"
-                     f"<th>rejected (noised image)</th></tr>{rows}</table></div>")
+                     f"<th>rejected (noised)</th></tr>{rows}</table></div>")
     return f'<div class="grid">{"".join(cards)}</div>' if cards else '<p class="muted">no pairs</p>'
 
 
