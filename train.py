@@ -408,11 +408,13 @@ def main(argv=None):
         args.base = world.build_theta0(args.run_dir, seed=args.seed)
     rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))
     t0 = time.time()
+    if world and not args.no_eval and dist.rank() == 0 and not os.path.exists(os.path.join(args.base, "metrics.json")):
+        evaluate.main(["--model", args.base, "--test-dir", os.path.join(args.run_dir, "test")])  # θ0's column
     for k in rounds:
         run_round(args, k, world)
+        if dist.rank() == 0:
+            evaluate.main(["report", args.run_dir])  # runs/<name>/report.html: pairs gallery, curves, table
     if world and not args.no_eval and dist.rank() == 0:
-        if not os.path.exists(os.path.join(args.base, "metrics.json")):
-            evaluate.main(["--model", args.base, "--test-dir", os.path.join(args.run_dir, "test")])
         models = [args.base] + [os.path.join(args.run_dir, f"iter_{k}", "model")
                                              for k in range(1, max(rounds) + 1)]
         evaluate.main(["--compare"] + [m for m in models if os.path.exists(m)])
