@@ -172,7 +172,7 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
     from sena.world import build_theta0
 
     kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
-              vision_steps=2, align_steps=2, vision_batch=4)
+              vision_steps=2, align_steps=2, vision_batch=4, reading_steps=1)
     a = build_theta0(str(tmp_path / "a"), **kw)
     b = build_theta0(str(tmp_path / "b"), **kw)
     meta_a, meta_b = (json.load(open(os.path.join(p, "meta.json"))) for p in (a, b))

@@ -29,15 +29,15 @@ from sena.image import default_image_cfg
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
 from sena.world.render import IMAGE_SIZE, render
 from sena.world.scenes import COLORS, COOC, SHAPES, SIZES, sample_scenes
-from sena.world.tasks import Noise, sample_examples
+from sena.world.tasks import Noise, reading_examples, sample_examples
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
 # θ0's shape: 72 px / 24 px patches -> 9 image tokens, one per grid cell (see build_theta0's docstring).
 MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
              text_kv_heads=6, text_intermediate=512, patch=24, tie=True)
-TRAIN = dict(steps=600, batch_size=8, n_images=6000, per_image=4, lr=2e-3, warmup=50, weight_decay=0.01,
+TRAIN = dict(steps=600, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
              vision_steps=400, vision_batch=64, vision_lr=3e-3, align_steps=600,
-             align_scale=16.0)
+             align_scale=16.0, reading_steps=0)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -311,15 +311,20 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     # time an image comes round again), packed with the shared prefix; token ids built once.
     scenes = sample_scenes(tr["n_images"], seed=rng.randrange(2**31), prefix="train")
     images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2)  # (N,3,S,S)
-    n_rows = tr["steps"] * tr["batch_size"]
+    n_rows, n_read = tr["steps"] * tr["batch_size"], min(tr["reading_steps"], tr["steps"]) * tr["batch_size"]
     rows, owner = [], []
     for r in range(n_rows):
         sc = scenes[r % len(scenes)]
-        rows.append([build_example(tok, user, answer, n_tok, img_id)
-                     for _, user, answer in sample_examples(rng, sc, tr["per_image"], noise)])
+        exs = (reading_examples(rng, sc, tr["per_image"]) if r < n_read
+               else sample_examples(rng, sc, tr["per_image"], noise))
+        rows.append([build_example(tok, user, answer, n_tok, img_id) for _, user, answer in exs])
         owner.append(r % len(scenes))
     prefix_len = rows[0][0][0].index(img_id) + n_tok  # BOS + system line + "USER:" + image tokens
-    batches = make_batches(rng, [sum(len(e[0]) for e in row) for row in rows], tr["batch_size"], tr["steps"])
+    lengths = [sum(len(e[0]) for e in row) for row in rows]
+    # The reading warm-up rows come first, then the whole mix.
+    batches = make_batches(rng, lengths[:n_read], tr["batch_size"], n_read // tr["batch_size"])
+    batches += [[n_read + i for i in b] for b in make_batches(rng, lengths[n_read:], tr["batch_size"],
+                                                                 tr["steps"] - n_read // tr["batch_size"])]
     t_data = time.time() - t0
     grid = config.vision.image_size // config.vision.patch_size
     vloss = pretrain_vision(model, images, cell_targets(scenes, grid), image_cfg, rng, tr["vision_steps"],
