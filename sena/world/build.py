@@ -37,7 +37,7 @@ MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192
              text_kv_heads=6, text_intermediate=512, patch=24, tie=True)
 TRAIN = dict(steps=600, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
              vision_steps=400, vision_batch=64, vision_lr=3e-3, align_steps=600,
-             align_scale=16.0, reading_steps=0)
+             align_scale=16.0, reading_steps=200, reading_types=("color",))
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -315,8 +315,9 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     rows, owner = [], []
     for r in range(n_rows):
         sc = scenes[r % len(scenes)]
-        exs = (reading_examples(rng, sc, tr["per_image"]) if r < n_read
-               else sample_examples(rng, sc, tr["per_image"], noise))
+        # Warm-up rows go through the reading types one after another, then the whole mix.
+        exs = (reading_examples(rng, sc, tr["per_image"], tr["reading_types"][r * len(tr["reading_types"]) // n_read])
+               if r < n_read else sample_examples(rng, sc, tr["per_image"], noise))
         rows.append([build_example(tok, user, answer, n_tok, img_id) for _, user, answer in exs])
         owner.append(r % len(scenes))
     prefix_len = rows[0][0][0].index(img_id) + n_tok  # BOS + system line + "USER:" + image tokens
