@@ -118,11 +118,11 @@ def load_stage(path, signature):
     return done
 
 
-def ask_questions(model, tok, feats, names, args, report):
+def ask_questions(model, tok, feats, names, args, counts):
     """Stage 1: one question per image, then the self-check. Returns (raw, checked) lists, None where dropped."""
     raw = [extract_questions(t) for t in run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(feats), args,
                                                      "ask", names)]
-    report["questions_raw"] = sum(q is not None for q in raw)
+    counts["questions_raw"] = sum(q is not None for q in raw)
     if args.self_check == "off":
         checked = list(raw)
     else:
@@ -132,13 +132,13 @@ def ask_questions(model, tok, feats, names, args, report):
         checked = [None] * len(raw)
         for i, text in zip(keep, outs):
             checked[i] = extract_questions(text)
-        report["self_check_dropped"] = sum(checked[i] is None for i in keep)
-        report["self_check_rewritten"] = sum(checked[i] is not None and checked[i] != raw[i] for i in keep)
+        counts["self_check_dropped"] = sum(checked[i] is None for i in keep)
+        counts["self_check_rewritten"] = sum(checked[i] is not None and checked[i] != raw[i] for i in keep)
     named = [i for i, q in enumerate(checked) if q is not None and mentions_name(q)]
     for i in named:
         checked[i] = None
-    report["questions_name_dropped"] = len(named)
-    report["questions_kept"] = sum(q is not None for q in checked)
+    counts["questions_name_dropped"] = len(named)
+    counts["questions_kept"] = sum(q is not None for q in checked)
     return raw, checked
 
 

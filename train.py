@@ -402,10 +402,9 @@ def main(argv=None):
         raise SystemExit("--base needs --images DIR or --image-list JSON")
     os.makedirs(args.run_dir, exist_ok=True)
     if world:  # θ0 is built once (rank 0) and cached in the run directory; from here on it is just --base
-        if dist.rank() == 0:
-            world.build_theta0(args.run_dir, seed=args.seed)
+        theta0 = os.path.join(args.run_dir, "theta0")  # where build_theta0 caches it
+        args.base = world.build_theta0(args.run_dir, seed=args.seed) if dist.rank() == 0 else theta0
         dist.barrier()
-        args.base = world.build_theta0(args.run_dir, seed=args.seed)
     rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))
     t0 = time.time()
     if world and not args.no_eval and dist.rank() == 0 and not os.path.exists(os.path.join(args.base, "metrics.json")):
