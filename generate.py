@@ -1,6 +1,8 @@
 """Generate one SENA round's preference pairs from a model θ(k-1) and unlabeled images.
 
     python generate.py --model runs/world/theta0 --images runs/world/pool/iter_1 --out runs/world/iter_1 --round 1
+    python generate.py --model M --image-list llava_v1_5_mix665k.json --image-root /data --per-source 1200 --out D
+        (the official runs' pool: 1.2K images from each of coco, gqa, ocr_vqa, textvqa, vg; sena.io.read_image_list)
 
 Stages (../shared/SENA.md, "One round"), each batched over all images:
   1. self-questioning: ask a question, then the self-check turn (with the image by default, text-only as the
@@ -44,6 +46,9 @@ def parse_args(argv):
     p.add_argument("--offset", type=int, default=0,
                    help="skip this many images of the sorted list (rounds take disjoint slices)")
     p.add_argument("--num-images", type=int, default=None, help="use at most this many images (default: all)")
+    p.add_argument("--per-source", type=int, default=None,
+                   help="with --image-list: take this many images from each source (a path's first folder: coco, "
+                        "gqa, ocr_vqa, textvqa, vg in LLaVA-665K), seeded by --seed; --offset then counts per source")
     p.add_argument("--out", required=True, help="round directory; pairs.jsonl and report.json go here")
     p.add_argument("--round", type=int, default=1, help="round index k; seeds the noise and prompt draws")
     p.add_argument("--seed", type=int, default=0, help="base seed of the run")
@@ -246,7 +251,8 @@ def main(argv=None):
     sig = {k: v for k, v in vars(args).items()
            if k not in ("batch_size", "device", "out", "prefix_cache_gb", "threads")}
     args.signature = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
-    paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images)
+    paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images,
+                               args.per_source, args.seed)
 
     # Under torchrun each rank takes every world-th image and keeps its own stage files; rank 0 merges. Answers
     # depend only on (model, image, seed, round), so N processes give the same pairs as one.

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import posixpath
+import random
 import sys
 import tempfile
 
@@ -76,27 +78,79 @@ def safe_join(root, rel):
     return full
 
 
-def list_images(images_dir=None, image_list=None, image_root=None, offset=0, num=None):
-    """(sorted image paths, root) from a folder or a LLaVA-style JSON list ([{"image": "coco/x.jpg", ...}, ...])."""
+def image_source(rel):
+    """The source of an image-list path: its first folder ('coco/train2017/x.jpg' -> 'coco', 'gqa/images/y.jpg' ->
+    'gqa'); a file directly under the root has the source '.'. LLaVA-665K's folders are its image sources (coco, gqa,
+    ocr_vqa, textvqa, vg), which is how the official SENA/SeVa runs drew equal counts from each."""
+    head, sep, _ = rel.partition("/")
+    return head if sep else "."
+
+
+def read_image_list(image_list, per_source=None, seed=0, offset=0):
+    """(relative image paths, one-line summary) of a LLaVA-style JSON list ([{"image": "coco/x.jpg", ...}, ...]).
+
+    Records without an 'image' string (LLaVA-665K's text-only conversations) are skipped and counted; a path that
+    several records share is kept once. Without per_source: every path, sorted, from `offset` on. With per_source=N:
+    each source's paths are sorted, shuffled with random.Random(f"{seed}-{source}") and the N after the first
+    `offset` are taken, so rounds that step `offset` by N get disjoint images from every source; the result is
+    sorted. A path that lexically leaves the root ('../x', '/etc/x') is refused (ValueError).
+    """
+    if not os.path.isfile(image_list):
+        raise SystemExit(f"image list not found: {image_list}")
+    with open(image_list, encoding="utf-8") as f:
+        try:
+            entries = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{image_list}: not valid JSON ({e})") from e
+    if not isinstance(entries, list):
+        raise SystemExit(f"{image_list}: expected a JSON list of records, got {type(entries).__name__}")
+    rels, skipped = set(), 0
+    for e in entries:
+        if not (isinstance(e, dict) and isinstance(e.get("image"), str) and e["image"].strip()):
+            skipped += 1
+            continue
+        rel = posixpath.normpath(e["image"])
+        if rel.startswith(("../", "/")) or rel == "..":
+            raise ValueError(f"image path {e['image']!r} escapes the image root")
+        rels.add(rel)
+    by_source = {}
+    for rel in sorted(rels):
+        by_source.setdefault(image_source(rel), []).append(rel)
+    if per_source is None:
+        chosen = sorted(rels)[offset:]
+        parts = [f"{s} {len(v)}" for s, v in by_source.items()]
+    else:
+        chosen = []
+        for src, paths in by_source.items():
+            random.Random(f"{seed}-{src}").shuffle(paths)
+            chosen += paths[offset : offset + per_source]
+        parts = [f"{s} {len(v[offset : offset + per_source])}/{len(v)}" for s, v in by_source.items()]
+        chosen.sort()
+    summary = (f"image list {image_list}: {len(entries)} records, {skipped} without an image skipped, "
+               f"{len(rels)} distinct images; {'images' if per_source is None else 'taken/listed'} per source: "
+               + (", ".join(parts) or "none"))  # fmt: skip
+    return chosen, summary
+
+
+def list_images(images_dir=None, image_list=None, image_root=None, offset=0, num=None, per_source=None, seed=0):
+    """(sorted image paths, root) from a folder or a LLaVA-style JSON list (read_image_list; per_source needs it)."""
     if images_dir:
+        if per_source is not None:
+            raise SystemExit("--per-source needs --image-list (the source is the first folder of each listed path)")
         if not os.path.isdir(images_dir):
             raise SystemExit(f"image folder not found: {images_dir}")
         root = images_dir
         paths = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths = paths[offset:]
     elif image_list:
-        if not os.path.isfile(image_list):
-            raise SystemExit(f"image list not found: {image_list}")
         root = image_root or os.path.dirname(os.path.abspath(image_list))
-        with open(image_list, encoding="utf-8") as f:
-            try:
-                entries = json.load(f)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{image_list}: not valid JSON ({e})") from e
-        rels = sorted({e["image"] for e in entries if isinstance(e, dict) and isinstance(e.get("image"), str)})
-        paths = [safe_join(root, r) for r in rels]
+        rels, summary = read_image_list(image_list, per_source, seed, offset)
+        print(summary)
+        paths = rels
     else:
         raise SystemExit("give --images DIR or --image-list JSON")
-    paths = paths[offset:]
     if num is not None:
         paths = paths[:num]
+    if image_list:  # symlinks are resolved only for the images actually used (a 665K list has 600K+ paths)
+        paths = [safe_join(root, r) for r in paths]
     return paths, root
