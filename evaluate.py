@@ -10,6 +10,11 @@
         Prints several models' metrics.json side by side (θ0, round 1, ...) with deltas against the first.
     python evaluate.py pope --questions coco_pope_random.json [...] --answers answers_random.jsonl [...]
         Scores answer files in the official POPE formats, one split per (questions, answers) pair.
+    python evaluate.py pope --model DIR --image-dir val2014 --questions coco_pope_*.json --out-dir D
+        Answers the questions first (greedy, batched, LLaVA-1.5's prompt), writes D/<file>_answers.jsonl, scores them.
+    python evaluate.py amber --model DIR --image-dir AMBER/image --queries query_all.json [--annotations A] --out-dir D
+        Writes D/amber_responses.json in AMBER's format; with AMBER's annotations.json, scores its discriminative part
+        (python evaluate.py amber --responses R --annotations A scores a responses file). sena/benchfiles.py.
     python evaluate.py report runs/<name> [--out PATH] [--images-per-round 6]
         Writes runs/<name>/report.html (sena/report.py): sampled pairs with right/wrong marks, the data report,
         training curves and the benchmark table θ0 → round k, in one self-contained file.
@@ -27,6 +32,7 @@ import re
 import sys
 import time
 
+from sena import benchfiles as BF
 from sena import metrics as M
 from sena import prompts as P
 from sena.pairs import extract_questions
@@ -122,17 +128,59 @@ def print_pope_table(results):
 
 
 def pope_main(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py pope", description="Score POPE answer files (official formats).")
+    p = argparse.ArgumentParser(prog="evaluate.py pope", description="Score POPE answer files (official formats), "
+                                "or answer the question files with --model first.")  # fmt: skip
     p.add_argument("--questions", nargs="+", required=True, help="POPE question files (JSON lines), one per split")
-    p.add_argument("--answers", nargs="+", required=True, help="answer files (JSON lines), same order as --questions")
-    p.add_argument("--out", default=None, help="optional path of a JSON file to write the per-split metrics to")
+    p.add_argument("--answers", nargs="+", help="answer files (JSON lines), same order as --questions")
+    p.add_argument("--out", default=None, help="JSON file for the per-split metrics (with --model: "
+                   "<out-dir>/pope_metrics.json)")  # fmt: skip
+    BF.add_model_args(p)
     args = p.parse_args(argv)
+    skipped = None
+    if args.model:
+        if not (args.image_dir and args.out_dir):
+            p.error("--model needs --image-dir and --out-dir")
+        answer_fn = load_answerer(args, args.image_dir)[0]
+        args.answers, skipped = BF.answer_pope_files(args.questions, args.image_dir, args.out_dir, answer_fn,
+                                                     args.suffix)  # fmt: skip
+        args.out = args.out or os.path.join(args.out_dir, "pope_metrics.json")
+    elif not args.answers:
+        p.error("give --answers FILES to score, or --model DIR --image-dir IMGS --out-dir D to answer first")
     results = score_pope_files(args.questions, args.answers)
     print_pope_table(results)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(results if skipped is None else {**results, "skipped_images": skipped}, f, indent=2)
     return results
+
+
+def amber_main(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py amber", description="Answer AMBER's queries in its response "
+                                "format; score the discriminative part from its annotations.json.")  # fmt: skip
+    p.add_argument("--queries", help="AMBER query file (data/query/query_all.json or a part of it)")
+    p.add_argument("--responses", help="score this responses file instead of answering (needs --annotations)")
+    p.add_argument("--annotations", help="AMBER's data/annotations.json: score the discriminative responses")
+    BF.add_model_args(p)
+    args = p.parse_args(argv)
+    if args.responses:
+        if not args.annotations:
+            p.error("--responses needs --annotations")
+        responses = BF.read_json_list(args.responses, {"id": (int,), "response": (str,)}, "response")[0]
+    elif args.model and args.queries and args.image_dir and args.out_dir:
+        answer_fn = load_answerer(args, args.image_dir)[0]
+        out = os.path.join(args.out_dir, "amber_responses.json")
+        responses, _ = BF.answer_amber(args.queries, args.image_dir, out, answer_fn, args.suffix)
+        print(f"{len(responses)} responses -> {out}")
+    else:
+        p.error("give --model, --image-dir, --queries and --out-dir (or --responses FILE --annotations FILE)")
+    if not args.annotations:
+        return None
+    res = BF.score_amber(responses, args.annotations)
+    BF.print_amber_table(res)
+    if args.out_dir:
+        with open(os.path.join(args.out_dir, "amber_metrics.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -365,6 +413,19 @@ def answer_requests(model, tok, image_cfg, reqs, image_dir, batch_size, max_new_
         r["answer"] = done[(r["image"], r["prompt"])]
 
 
+def load_answerer(args, image_dir):
+    """(answer_fn, device): greedy answers from args.model on images under image_dir (answer_requests)."""
+    import torch
+
+    from sena.model import load_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, image_cfg = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model.eval()
+    caps = {True: args.max_new_tokens_short, False: args.max_new_tokens}
+    return lambda rs: answer_requests(model, tok, image_cfg, rs, image_dir, args.batch_size, caps), device
+
+
 def load_test_scenes(test_dir, labels, n, seed):
     """The held-out scenes and their labels path. Labels live outside the image folder, at `labels` or by default
     <test_dir>_labels.jsonl (the world's convention; <test_dir>.jsonl is accepted too). A missing split is written
@@ -407,6 +468,8 @@ def main(argv=None):
         return pope_main(argv[1:])
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["amber"]:
+        return amber_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hugging Face LLaVA directory to evaluate (metrics.json is written inside)")
     p.add_argument("--compare", nargs="+", metavar="DIR_OR_JSON", help="print these metrics.json side by side")
@@ -429,17 +492,9 @@ def main(argv=None):
     if not args.model:
         p.error("give --model DIR (or --compare ..., or the pope subcommand)")
 
-    import torch
-
-    from sena.model import load_pretrained
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok, image_cfg = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
-    model.eval()
+    answer_fn, device = load_answerer(args, args.test_dir)
     scenes, labels = load_test_scenes(args.test_dir, args.test_labels, args.n_test, args.test_seed)
     t0 = time.time()
-    caps = {True: args.max_new_tokens_short, False: args.max_new_tokens}
-    answer_fn = lambda rs: answer_requests(model, tok, image_cfg, rs, args.test_dir, args.batch_size, caps)  # noqa
     m, reqs = run_benchmarks(scenes, answer_fn, args.seed, args.pope_k)
     m["meta"] = {"model": os.path.abspath(args.model), "test_dir": os.path.abspath(args.test_dir),
                  "test_labels": os.path.abspath(labels),

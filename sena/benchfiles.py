@@ -1,0 +1,221 @@
+"""Official benchmark files with a user's image folder: POPE and AMBER questions in, their answer formats out.
+
+    POPE  questions: JSON lines {"question_id", "image", "text", "label"} (RUCAIBox/POPE output/coco/*.json)
+          answers:   JSON lines {"question", "answer", "question_id"} (POPE's and SeVa's format; evaluate.py pope
+                     scores them, and so does LLaVA's eval_pope.py, which reads 'text' or 'answer' alike)
+    AMBER queries:   a JSON list [{"id": int, "image": "AMBER_1.jpg", "query": "..."}] (junyangwang0410/AMBER
+                     data/query/query_*.json); ids 1-1004 are "Describe this image.", the rest yes/no questions
+          responses: a JSON list [{"id": int, "response": "..."}], what AMBER's inference.py --inference_data reads
+          annotations.json: [{"id", "type", "truth"}]; discriminative entries carry truth "yes"/"no"
+
+Prompts follow LLaVA-1.5's POPE evaluation (llava_pope_test.jsonl): the question text, a newline, then "Answer the
+question using a single word or phrase.", greedy. AMBER's yes/no queries get the same suffix (AMBER counts only the
+exact responses "Yes" and "No"); its generative query is asked as written. SENA's own gen prompts join the same
+suffix with a space (sena.prompts.GEN_SUFFIX); --suffix changes it, e.g. for the embedded world's model.
+
+Images are checked once before any decoding: a path that leaves the image folder, a missing file or an unreadable
+image is skipped with its questions, counted, and named in one summary line, so a run never stops halfway.
+The model is a callable answer_fn(requests) that sets r["answer"] on dicts with image (a path), prompt and task
+(evaluate.answer_requests), so everything here runs without a model in the tests.
+"""
+
+import json
+import os
+import sys
+
+from sena import metrics as M
+from sena.io import atomic_write_text, read_jsonl, safe_join
+
+LLAVA_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+AMBER_GENERATIVE_QUERY = "Describe this image."
+AMBER_DIMENSIONS = {"discriminative-hallucination": "existence", "discriminative-attribute-state": "attribute",
+                    "discriminative-attribute-number": "attribute", "discriminative-attribute-action": "attribute",
+                    "discriminative-relation": "relation"}  # fmt: skip
+
+
+def add_model_args(p):
+    """The flags of the model-answering subcommands (evaluate.py pope --model ..., evaluate.py amber ...)."""
+    p.add_argument("--model", help="Hugging Face LLaVA directory that answers the questions")
+    p.add_argument("--image-dir", help="folder holding the benchmark's images (COCO val2014 for POPE, AMBER's)")
+    p.add_argument("--out-dir", help="folder for the answer files and metrics")
+    p.add_argument("--suffix", default=LLAVA_SHORT_ANSWER, help="appended to each yes/no question (LLaVA-1.5's)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="new-token cap for AMBER's descriptions")
+    p.add_argument("--max-new-tokens-short", type=int, default=128, help="new-token cap for yes/no answers "
+                   "(LLaVA's model_vqa_loader default)")  # fmt: skip
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+
+
+def check_images(names, image_dir):
+    """({name: path} of the images that open, {name: reason} of the rest), each distinct name checked once."""
+    from sena.image import load_image  # torch comes with it; evaluate.py's scorers stay light without
+
+    if not os.path.isdir(image_dir):
+        raise SystemExit(f"image folder not found: {image_dir}")
+    ok, bad = {}, {}
+    for name in dict.fromkeys(names):
+        try:
+            path = safe_join(image_dir, name)
+        except ValueError:
+            bad[name] = "outside the image folder"
+            continue
+        if not os.path.isfile(path):
+            bad[name] = "missing"
+            continue
+        try:
+            load_image(path)
+        except ValueError:
+            bad[name] = "unreadable"
+            continue
+        ok[name] = path
+    return ok, bad
+
+
+def skipped_line(bad, n_skipped, n_total, shown=10):
+    """'skipped 7 of 60 questions on 2 images: missing 1 (a.jpg), unreadable 1 (b.jpg)', or 'all images read'."""
+    if not bad:
+        return f"all images read: {n_total} questions answered"
+    parts = []
+    for reason in sorted(set(bad.values())):
+        names = [n for n, r in bad.items() if r == reason]
+        more = f", +{len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{reason} {len(names)} ({', '.join(names[:shown])}{more})")
+    return f"skipped {n_skipped} of {n_total} questions on {len(bad)} images: " + "; ".join(parts)
+
+
+def with_suffix(text, suffix):
+    """text + suffix, unless the file already carries it (LLaVA's llava_pope_test.jsonl does)."""
+    return text if suffix.strip() and text.rstrip().endswith(suffix.strip()) else text + suffix
+
+
+# ---------------------------------------------------------------------------------------------------------- POPE
+
+
+def read_pope_questions(path):
+    """POPE question records in file order; a malformed line, a non-string image or text, or a repeated question_id
+    is reported with file and line, skipped and counted. Returns (records, n_bad)."""
+    recs, bad = read_jsonl(path, required=("question_id", "image", "text"))
+    out, seen = [], set()
+    for r in recs:
+        if not (isinstance(r["image"], str) and isinstance(r["text"], str)) or r["question_id"] in seen:
+            print(f"{path}: skipping question {r['question_id']!r} (repeated, or image/text not strings)",
+                  file=sys.stderr)  # fmt: skip
+            bad += 1
+            continue
+        seen.add(r["question_id"])
+        out.append(r)
+    return out, bad
+
+
+def answer_pope_files(question_files, image_dir, out_dir, answer_fn, suffix=LLAVA_SHORT_ANSWER):
+    """Answer every question of every file in one batched pass; write out_dir/<question file stem>_answers.jsonl.
+
+    Returns (answer file paths in the order of question_files, {image: reason} of the skipped images). Questions on
+    a skipped image get no answer line; the scorer counts them as n_missing.
+    """
+    stems = [os.path.splitext(os.path.basename(q))[0] for q in question_files]
+    if len(set(stems)) != len(stems):
+        raise SystemExit(f"question files must have distinct names (their answer files are named after them): {stems}")
+    files = [read_pope_questions(q)[0] for q in question_files]
+    ok, bad = check_images([r["image"] for qs in files for r in qs], image_dir)
+    reqs = [[{"task": "pope", "image": ok[r["image"]], "prompt": with_suffix(r["text"], suffix), "q": r}
+             for r in qs if r["image"] in ok] for qs in files]  # fmt: skip
+    answer_fn([r for rs in reqs for r in rs])
+    os.makedirs(out_dir, exist_ok=True)
+    out = []
+    for stem, rs in zip(stems, reqs):
+        path = os.path.join(out_dir, f"{stem}_answers.jsonl")
+        lines = [{"question": r["q"]["text"], "answer": r["answer"], "question_id": r["q"]["question_id"]} for r in rs]
+        atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in lines))
+        out.append(path)
+    n_total = sum(len(qs) for qs in files)
+    print(skipped_line(bad, n_total - sum(len(rs) for rs in reqs), n_total))
+    return out, bad
+
+
+# --------------------------------------------------------------------------------------------------------- AMBER
+
+
+def read_json_list(path, required, what):
+    """Records of a JSON list whose fields `required` ({name: type}) have the right types; the rest are reported by
+    index, skipped and counted. Returns (records, n_bad)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what} file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise SystemExit(f"{path}: expected a JSON list of {what} records")
+    out, bad = [], 0
+    for i, r in enumerate(data):
+        wrong = [k for k, t in required.items() if not (isinstance(r, dict) and type(r.get(k)) in t)]
+        if wrong:
+            print(f"{path}[{i}]: skipping {what} record (missing or mistyped {wrong})", file=sys.stderr)
+            bad += 1
+            continue
+        out.append(r)
+    return out, bad
+
+
+def answer_amber(query_file, image_dir, out_path, answer_fn, suffix=LLAVA_SHORT_ANSWER):
+    """Answer AMBER's queries and write [{"id", "response"}] sorted by id to out_path (AMBER's inference.py format).
+
+    "Describe this image." is asked as written (task des, the long token cap); every other query is a yes/no
+    question and gets `suffix`. Returns (responses, {image: reason} of the skipped images).
+    """
+    queries, _ = read_json_list(query_file, {"id": (int,), "image": (str,), "query": (str,)}, "query")
+    ok, bad = check_images([q["image"] for q in queries], image_dir)
+    reqs = []
+    for q in queries:
+        if q["image"] in ok:
+            gen = q["query"].strip() == AMBER_GENERATIVE_QUERY
+            reqs.append({"task": "des" if gen else "amber", "image": ok[q["image"]], "id": q["id"],
+                         "prompt": q["query"] if gen else with_suffix(q["query"], suffix)})  # fmt: skip
+    answer_fn(reqs)
+    responses = sorted(({"id": r["id"], "response": r["answer"]} for r in reqs), key=lambda r: r["id"])
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    atomic_write_text(out_path, json.dumps(responses, indent=1))
+    print(skipped_line(bad, len(queries) - len(reqs), len(queries)))
+    return responses, bad
+
+
+def score_amber(responses, annotation_file):
+    """AMBER's discriminative metrics ("No" positive, exact "Yes"/"No" responses) per dimension and over all.
+
+    Only the discriminative part is scored here: the generative metrics (CHAIR, Cover, Hal, Cog) need AMBER's
+    relation.json, safe_words.txt and spaCy's en_core_web_lg similarity, which we do not ship; run AMBER's
+    inference.py --evaluation_type g on the same responses file for them. Dimensions follow inference.py:
+    existence = discriminative-hallucination, attribute = attribute-state/number/action, relation = the rest.
+    """
+    ann, _ = read_json_list(annotation_file, {"id": (int,), "type": (str,)}, "annotation")
+    by_id = {a["id"]: a for a in ann}
+    groups = {"all": ([], []), "existence": ([], []), "attribute": ([], []), "relation": ([], [])}
+    n_gen = n_unannotated = 0
+    for r in responses:
+        a = by_id.get(r["id"])
+        if a is None or (a["type"].startswith("discriminative") and a.get("truth") not in ("yes", "no")):
+            n_unannotated += 1  # no annotation, or a discriminative one without truth "yes"/"no"
+        elif not a["type"].startswith("discriminative"):
+            n_gen += 1
+        else:
+            for g in ("all", AMBER_DIMENSIONS.get(a["type"], "relation")):
+                groups[g][0].append(r["response"])
+                groups[g][1].append(a["truth"])
+    res = {g: M.amber_discriminative(rs, ts) for g, (rs, ts) in groups.items()}
+    for g, (rs, _) in groups.items():
+        res[g]["other"] = sum(M.amber_parse(x) == "other" for x in rs)  # neither exactly "Yes" nor "No"
+    res.update(n_generative=n_gen, n_unannotated=n_unannotated)
+    return res
+
+
+def print_amber_table(res):
+    cols = ("n", "accuracy", "precision", "recall", "f1", "other")
+    print(f"{'AMBER disc.':<12}" + "".join(f"{c:>10}" for c in cols) + "   (No = positive; rates in %)")
+    for g in ("existence", "attribute", "relation", "all"):
+        m = res[g]
+        print(f"{g:<12}" + "".join(f"{m[c]:>10d}" if isinstance(m[c], int) else f"{100 * m[c]:>10.2f}" for c in cols))
+    print(f"{res['n_generative']} generative responses not scored here (CHAIR/Cover/Hal/Cog need AMBER's word lists "
+          "and spaCy: run AMBER's inference.py --evaluation_type g on the responses file)")  # fmt: skip
