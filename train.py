@@ -176,13 +176,18 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     # Precision in three lines: fp32 everywhere on CPU; on CUDA the frozen base is bf16 (full FT: fp32 master
     # weights), the trainable weights stay fp32, and the forward runs under bf16 autocast (pair_loss).
     base_dtype = torch.bfloat16 if dev.startswith("cuda") and not args.full_ft else torch.float32
-    model, tok, image_cfg = load_pretrained(prev, dtype=base_dtype, device=dev)
+    # Full fine-tuning under torchrun shards the model with FSDP (sena/dist.py): each rank loads it on the CPU and
+    # keeps only its 1/N shard on the device; LoRA replicates the model and averages the adapter gradients.
+    fsdp = args.full_ft and nproc > 1
+    model, tok, image_cfg = load_pretrained(prev, dtype=base_dtype, device="cpu" if fsdp else dev)
     torch.manual_seed(args.seed * 1000 + k)
     if args.full_ft:
         for name, p in model.named_parameters():
             p.requires_grad = "vision_tower" not in name  # the vision tower stays frozen (official)
     else:
         apply_lora(model, args.lora_targets.split(","), r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    if fsdp:
+        dist.shard_model(model, mixed_precision=dev.startswith("cuda"))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -230,7 +235,8 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
             idx = mine[m * args.micro_batch_size:][: args.micro_batch_size]
             loss, st, n = pair_loss(model, [pairs[i] for i in idx], idx, ref, tok, image_root, image_cfg, args,
                                     check=step == 0 and m == 0)
-            finite = finite and bool(torch.isfinite(loss))
+            # Ranks agree before any backward: under FSDP a backward communicates, so all ranks run it or none does.
+            finite = finite and dist.all_ranks(bool(torch.isfinite(loss)))
             if finite:
                 (loss / accum).backward()
             ntok += n
@@ -246,8 +252,9 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
                 raise SystemExit(f"round {k}: {bad_steps} non-finite losses (> --max-bad-steps "
                                  f"{args.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
             continue
-        dist.average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        if not fsdp:  # FSDP has reduce-scattered the averaged gradients during backward
+            dist.average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()  # DTensors: the global norm
         opt.step()
         opt.zero_grad(set_to_none=True)
         stats = dist.average(stats | {"tokens": ntok})
@@ -265,15 +272,18 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     if log:
         log.close()
     say(f"iter {k}: {total - start} steps in {time.time() - t_start:.1f} s")
-    if not args.full_ft:
+    if fsdp:
+        model = dist.gather_model(model)  # θ(k) whole on rank 0's CPU, None on the other ranks
+    elif not args.full_ft:
         merge_lora(model)
-    return model.float(), tok, image_cfg
+    return model and model.float(), tok, image_cfg
 
 
 def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
     """Trainable weights, AdamW moments, RNG and the step, by rank 0. Each checkpoint is a new folder step_<n>;
     latest.json is switched to it atomically and only then are older folders removed, so a kill at any moment
     leaves a complete checkpoint that latest.json names."""
+    weights, moments = dist.trainable_state(model, opt)  # under FSDP all ranks gather the shards to rank 0
     if dist.rank() != 0:
         dist.barrier()
         return
@@ -281,9 +291,8 @@ def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
     path = os.path.join(ckpt_dir, name)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-              os.path.join(path, "trainable.safetensors"))
-    state = {f"{i}.{k}": v.contiguous() for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+    save_file({n: v.contiguous() for n, v in weights.items()}, os.path.join(path, "trainable.safetensors"))
+    state = {f"{i}.{k}": v.contiguous() for i, st in moments.items() for k, v in st.items()}
     state["torch_rng"] = torch.get_rng_state()  # LoRA dropout draws from it
     save_file(state, os.path.join(path, "optimizer.safetensors"))
     atomic_write_text(os.path.join(ckpt_dir, "latest.json"),
@@ -299,17 +308,13 @@ def load_checkpoint(ckpt_dir, model, opt):
     with open(os.path.join(ckpt_dir, "latest.json")) as f:
         state = json.load(f)
     path = os.path.join(ckpt_dir, state["dir"])
-    params = dict(model.named_parameters())
-    for n, v in load_file(os.path.join(path, "trainable.safetensors")).items():
-        params[n].data.copy_(v)
     flat = load_file(os.path.join(path, "optimizer.safetensors"))
     torch.set_rng_state(flat.pop("torch_rng"))
-    sd = opt.state_dict()
-    sd["state"] = {}
+    moments = {}
     for key, v in flat.items():
         i, name = key.split(".", 1)
-        sd["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(sd)
+        moments.setdefault(int(i), {})[name] = v
+    dist.load_trainable_state(model, opt, load_file(os.path.join(path, "trainable.safetensors")), moments)
     return state["step"] + 1, state["bad_steps"]
 
 
