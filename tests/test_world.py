@@ -122,6 +122,7 @@ def test_mentioned_shapes():
 def test_task_mix_formats_and_noise_knobs():
     rng = random.Random(1)
     scenes = sample_scenes(300, seed=5)
+    n_short = 0
     for sc in scenes:
         for kind in KINDS:
             user, answer = make_example(rng, sc, kind, Noise())
@@ -130,8 +131,15 @@ def test_task_mix_formats_and_noise_knobs():
                 assert answer.startswith(P.QUESTION_MARKER) and oracle_answer(sc, q) is not None
             if kind == "improve":
                 assert answer.startswith(P.IMPROVED_MARKER)
+                improved = answer.removeprefix(P.IMPROVED_MARKER + " ")
+                q = user.split("Question: ")[1].split(" Current answer: ")[0]
+                # Concise: a short-answer prompt (question + GEN_SUFFIX) is improved to the oracle's word or phrase.
+                if q.endswith(P.GEN_SUFFIX) and oracle_answer(sc, q) is not None:
+                    assert improved == oracle_answer(sc, q), (q, improved)
+                    n_short += 1
             if kind == "ask":
                 assert question_type(answer) is not None
+    assert n_short > 100  # the concise branch ran
     # Existence questions about an absent buddy: always "Yes" at rate 1, never at rate 0.
     lone = [sc for sc in scenes if len(sc["objects"]) == 1]
     for rates, want in (((1.0, 1.0), "Yes"), ((0.0, 0.0), "No")):

@@ -194,9 +194,12 @@ def make_example(rng, scene: dict, kind: str, noise: Noise) -> tuple[str, str]:
         u = rng.random()
         desc = "Yes" if u < 0.1 else (L.describe(scene) if u < 0.6 else noisy_description(rng, scene, noise)
                                       if u < 0.85 else wrong_description(rng, scene))
-        target = L.precise_answer(scene, q)
-        # SENA's generate.py passes the whole short-answer prompt (question + GEN_SUFFIX) as the question.
-        q = q + P.GEN_SUFFIX if rng.random() < 0.7 else q
+        # SENA's generate.py passes the whole short-answer prompt (question + GEN_SUFFIX) as the question. The
+        # improved answer is "precise and concise": it obeys that suffix (one word or phrase, the oracle answer),
+        # and is a full sentence only for a bare question or one the image does not answer.
+        short = rng.random() < 0.7
+        target = gold if short and gold is not None else L.precise_answer(scene, q)
+        q = q + P.GEN_SUFFIX if short else q
     user = (P.IMPROVE_NO_DESCRIPTION.format(question=q, answer=cur) if desc == "Yes"
             else P.IMPROVE.format(description=desc, question=q, answer=cur))
     return user, f"{P.IMPROVED_MARKER} {target}"
@@ -214,6 +217,8 @@ def sample_examples(rng, scene: dict, n: int, noise: Noise) -> list[tuple[str, s
 def reading_examples(rng, scene: dict, n: int, qtype: str = "color") -> list[tuple[str, str, str]]:
     """n short-answer examples of one VQA type: θ0's warm-up phase (TRAIN["reading_steps"], ["reading_types"]).
 
+    qtype "color+shape" draws the type of each example uniformly from the listed ones.
+
     A language model trained from the start on the whole mix settles into the text prior (Yes/No questions, the
     description template) and never learns to read the image tokens within the budget (VQA at chance after 600
     steps, with image tokens that carry colour 100% linearly decodable). 200 warm-up steps of colour questions
@@ -222,6 +227,6 @@ def reading_examples(rng, scene: dict, n: int, qtype: str = "color") -> list[tup
     """
     out = []
     for _ in range(n):
-        q = answerable_question(rng, scene, qtype)
+        q = answerable_question(rng, scene, rng.choice(qtype.split("+")))
         out.append(("gen", q + P.GEN_SUFFIX, L.oracle_answer(scene, q)))
     return out
