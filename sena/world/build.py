@@ -34,10 +34,12 @@ from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
 # θ0's shape: 72 px / 24 px patches -> 9 image tokens, one per grid cell (see build_theta0's docstring).
 MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
-             text_kv_heads=6, text_intermediate=512, patch=24, tie=True)
-TRAIN = dict(steps=600, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
-             vision_steps=400, vision_batch=64, vision_lr=3e-3, align_steps=600,
-             align_scale=16.0, reading_steps=200, reading_types=("color",), freeze_embed=False)
+             text_kv_heads=6, text_intermediate=512, patch=24, tie=False)
+TRAIN = dict(steps=1400, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
+             vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0,
+             reading_steps=750, reading_types=("color", "shape", "position", "exist",
+                                               "color+shape+position+exist+count"),
+             freeze_embed=True)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -197,7 +199,8 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
     E[▁small] + E[▁red] + E[▁star] + E[▁top] + E[▁left], or E[▁nothing] + position words for an empty cell. With
     tied input/output embeddings a language model can then copy "red" out of the star's image token from its first
-    steps, instead of discovering an image code first. Loss: squared error relative to the targets' mean squared
+    steps, instead of discovering an image code first (the input embeddings stay frozen at init in stage 2, so this
+    basis holds). Loss: squared error relative to the targets' mean squared
     norm. feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
     scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
     image tokens are swamped by the first layer's residual updates and the language model never reads them.
@@ -284,7 +287,9 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     """Train θ0 on the world mix and save it to run_dir/theta0 (skipped when a complete one is there).
 
     Stages: (1) the ViT learns per-cell labels with linear heads, then freezes; (1b) the projector learns to write
-    each cell's words into its image token, then freezes; (2) the language model (tied embeddings) learns the
+    each cell's words into its image token, then freezes; (2) the language model (input embeddings frozen, a separate
+    LM head) first reads the image one question type at a time (colour, shape, position, existence, then all VQA types
+    mixed; TRAIN["reading_steps"]), then learns the
     instruction mix, several examples of one image packed per row behind one shared prefix.
     Sizes: 72 px images with 24 px patches give 9 image tokens (one per cell); a 4-layer, 192-wide Llama and a
     3-layer, 256-wide ViT (~4.7M parameters, ~0.8M of it the ViT's last layer, which LLaVA never reads).
@@ -346,7 +351,8 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     if tr["freeze_embed"]:
         # The projector wrote each cell's words in the initial embeddings' basis; trained embeddings drift away from
         # it (cosine 0.33 after 800 steps) and the image tokens stop meaning their words (shape 94% -> 56%
-        # decodable). Frozen (tied, so the LM head too), text and image tokens keep speaking one language.
+        # decodable). Frozen, text and image tokens keep speaking one language; the untied LM head learns freely.
+        # (Frozen and tied, the small init embeddings also cap the logits: the warm-up loss stalled at 2.4.)
         model.model.language_model.embed_tokens.requires_grad_(False)
     with torch.no_grad():
         image_features = model.model.multi_modal_projector(feats)  # (N, n_image_tokens, D)

@@ -220,10 +220,11 @@ def reading_examples(rng, scene: dict, n: int, qtype: str = "color") -> list[tup
     qtype "color+shape" draws the type of each example uniformly from the listed ones.
 
     A language model trained from the start on the whole mix settles into the text prior (Yes/No questions, the
-    description template) and never learns to read the image tokens within the budget (VQA at chance after 600
-    steps, with image tokens that carry colour 100% linearly decodable). 200 warm-up steps of colour questions
-    alone build the reading circuit, and it survives into the mix: colour VQA 14% -> 62%, and descriptions name
-    the right colours (measured once, same budget).
+    description template) and never learns to read the image tokens within the budget: it answers from a blur of all
+    image tokens (colour right on one-object scenes, shape at chance). Reading one type at a time builds the
+    content-addressed lookups ("the token holding top + left"), and they survive into the mix. Measured on 150 held-out
+    scenes, same recipe otherwise: VQA 36% with 150 steps per type on a weak tower, 58% with a well-trained tower and
+    150 steps each of colour, shape, position, existence and mixed (shape 19% -> 53%, position 17% -> 45%).
     """
     out = []
     for _ in range(n):
