@@ -62,7 +62,8 @@ def parse_args(argv):
     p.add_argument("--ica-weight", type=float, default=1.0, help="λ, the weight of the image-content alignment NLL")
     p.add_argument("--ica-reduction", choices=["batch", "des"], default="batch",
                    help="average the ICA term over the whole batch (official) or over des pairs only")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (official 7B full FT: 2e-6)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak learning rate (world LoRA: 1e-4; 1e-3 collapses θ0. Official 7B full FT: 2e-6)")
     p.add_argument("--epochs", type=int, default=2, help="passes over a round's pairs (official: 1)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (official: 128)")
     p.add_argument("--micro-batch-size", type=int, default=16, help="pairs per forward; steps accumulate gradients")
