@@ -24,7 +24,7 @@ import os
 import sys
 
 from sena import metrics as M
-from sena.io import atomic_write_text, read_jsonl, safe_join
+from sena.io import atomic_write_text, load_json_list, read_jsonl, safe_join
 
 LLAVA_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 AMBER_GENERATIVE_QUERY = "Describe this image."
@@ -140,15 +140,7 @@ def answer_pope_files(question_files, image_dir, out_dir, answer_fn, suffix=LLAV
 def read_json_list(path, required, what):
     """Records of a JSON list whose fields `required` ({name: type}) have the right types; the rest are reported by
     index, skipped and counted. Returns (records, n_bad)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, list):
-        raise SystemExit(f"{path}: expected a JSON list of {what} records")
+    data = load_json_list(path, what)
     out, bad = [], 0
     for i, r in enumerate(data):
         wrong = [k for k, t in required.items() if not (isinstance(r, dict) and type(r.get(k)) in t)]

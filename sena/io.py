@@ -78,6 +78,20 @@ def safe_join(root, rel):
     return full
 
 
+def load_json_list(path, what) -> list:
+    """The JSON list in path; a missing file, invalid JSON or another top-level type stops with the file named."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what} file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise SystemExit(f"{path}: expected a JSON list of {what} records, got {type(data).__name__}")
+    return data
+
+
 def image_source(rel):
     """The source of an image-list path: its first folder ('coco/train2017/x.jpg' -> 'coco', 'gqa/images/y.jpg' ->
     'gqa'); a file directly under the root has the source '.'. LLaVA-665K's folders are its image sources (coco, gqa,
@@ -95,15 +109,7 @@ def read_image_list(image_list, per_source=None, seed=0, offset=0):
     `offset` are taken, so rounds that step `offset` by N get disjoint images from every source; the result is
     sorted. A path that lexically leaves the root ('../x', '/etc/x') is refused (ValueError).
     """
-    if not os.path.isfile(image_list):
-        raise SystemExit(f"image list not found: {image_list}")
-    with open(image_list, encoding="utf-8") as f:
-        try:
-            entries = json.load(f)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{image_list}: not valid JSON ({e})") from e
-    if not isinstance(entries, list):
-        raise SystemExit(f"{image_list}: expected a JSON list of records, got {type(entries).__name__}")
+    entries = load_json_list(image_list, "image list")
     rels, skipped = set(), 0
     for e in entries:
         if not (isinstance(e, dict) and isinstance(e.get("image"), str) and e["image"].strip()):
