@@ -176,32 +176,26 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
     splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1]
     heads = torch.nn.Linear(c.vision.hidden_size, sum(splits))
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
-    losses = []
-    for step in range(steps):
-        idx = [rng.randrange(len(images)) for _ in range(batch_size)]
-        h = tower(pixels(images[idx], image_cfg), layer)[:, 1:]  # (B, N, Dv)
-        logits = heads(h).split(splits, dim=-1)
-        loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
+
+    def batch_loss(idx):
+        logits = heads(tower(pixels(images[idx], image_cfg), layer)[:, 1:]).split(splits, dim=-1)  # (B, N, .) each
+        return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
                    for k, lg in enumerate(logits))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return sum(losses[-20:]) / max(1, len(losses[-20:]))
+
+    params = list(tower.parameters()) + list(heads.parameters())
+    return fit(params, batch_loss, len(images), rng, steps, batch_size, lr, weight_decay=0.01)
 
 
 def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0):
     """Stage 1b: the projector learns to write each cell's words into its image token.
 
     Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
-    E[▁small] + E[▁red] + E[▁star] + E[▁top] + E[▁left], or E[▁nothing] + position words for an empty cell. With
-    tied input/output embeddings a language model can then copy "red" out of the star's image token from its first
-    steps, instead of discovering an image code first (the input embeddings stay frozen at init in stage 2, so this
-    basis holds). Loss: squared error relative to the targets' mean squared
-    norm. feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
+    E[▁small] + E[▁red] + E[▁star] + E[▁top] + E[▁left], or E[▁nothing] + position words for an empty cell. A
+    language model then finds "star" and reads "red" in the image token with the same embeddings it reads text
+    with, instead of discovering an image code first (the input embeddings stay frozen at init in stage 2, so this
+    basis holds). Loss: squared error relative to the targets' mean squared norm,
+        L = mean_{b,p} |proj(f_bp) - t_bp|^2 / mean_{b,p} |t_bp|^2.
+    feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
     scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
     image tokens are swamped by the first layer's residual updates and the language model never reads them.
     """
@@ -219,12 +213,18 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
             words = ([o["size"], o["color"], o["shape"]] if o else ["nothing"]) + POSITIONS[3 * r + c].split()
             target[n, p] = scale * embed[[wid(w) for w in words]].sum(0)
     proj = model.model.multi_modal_projector
-    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
     norm = target.pow(2).sum(-1).mean()
+    batch_loss = lambda idx: (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm  # noqa: E731
+    return fit(proj.parameters(), batch_loss, len(scenes), rng, steps, batch_size, lr, weight_decay=0.0)
+
+
+def fit(params, batch_loss, n, rng, steps, batch_size, lr, weight_decay):
+    """The loop of stages 1 and 1b: AdamW on batch_loss(idx) for random index batches of range(n), linear warmup over
+    the first 10% of steps, then cosine decay (lr_at). Returns the mean loss of the last 20 steps."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses = []
     for step in range(steps):
-        idx = [rng.randrange(len(scenes)) for _ in range(batch_size)]
-        loss = (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm
+        loss = batch_loss([rng.randrange(n) for _ in range(batch_size)])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
         opt.zero_grad(set_to_none=True)
@@ -289,10 +289,10 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     Stages: (1) the ViT learns per-cell labels with linear heads, then freezes; (1b) the projector learns to write
     each cell's words into its image token, then freezes; (2) the language model (input embeddings frozen, a separate
     LM head) first reads the image one question type at a time (colour, shape, position, existence, then all VQA types
-    mixed; TRAIN["reading_steps"]), then learns the
-    instruction mix, several examples of one image packed per row behind one shared prefix.
+    mixed; TRAIN["reading_steps"]), then learns the instruction mix, several examples of one image packed per row
+    behind one shared prefix.
     Sizes: 72 px images with 24 px patches give 9 image tokens (one per cell); a 4-layer, 192-wide Llama and a
-    3-layer, 256-wide ViT (~4.7M parameters, ~0.8M of it the ViT's last layer, which LLaVA never reads).
+    3-layer, 256-wide ViT (~4.8M parameters, ~0.8M of it the ViT's last layer, which LLaVA never reads).
     train_over: any key of TRAIN (steps, batch_size = images per step, per_image = examples per image, ...).
     Returns the path of the saved directory.
     """
