@@ -35,6 +35,7 @@ import time
 from sena import benchfiles as BF
 from sena import metrics as M
 from sena import prompts as P
+from sena.io import read_jsonl
 from sena.pairs import extract_questions
 from sena.world.language import (
     NUMBERS,
@@ -54,40 +55,13 @@ LOWER_IS_BETTER = ("chair_i", "chair_s", "amber_chair", "amber_hal", "amber_cog"
 # ---------------------------------------------------------------------------------------- POPE answer files
 
 
-def read_by_id(path, check):
-    """{question_id: record} of a JSON-lines file. A bad line (not JSON, failing `check`, or repeating an earlier
-    question_id) is reported with file and line number, skipped and counted: returns (records, n_bad)."""
-    records, bad = {}, 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                problem = check(rec) if isinstance(rec, dict) else "not a JSON object"
-            except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg})"
-            if not problem and rec["question_id"] in records:
-                problem = f"repeats question_id {rec['question_id']!r} (the first one counts)"
-            if problem:
-                print(f"{path}:{n}: {problem}; line skipped", file=sys.stderr)
-                bad += 1
-                continue
-            records[rec["question_id"]] = rec
-    return records, bad
-
-
 def _check_question(rec):
-    if "question_id" not in rec:
-        return "no 'question_id'"
     if str(rec.get("label", "")).strip().lower() not in ("yes", "no"):
         return f"label {rec.get('label')!r} is not yes/no"
     return None
 
 
 def _check_answer(rec):
-    if "question_id" not in rec:
-        return "no 'question_id'"
     if not isinstance(rec.get("answer", rec.get("text")), str):
         return "no string 'answer' (or 'text') field"
     return None
@@ -104,8 +78,9 @@ def score_pope_files(question_files, answer_files):
         raise SystemExit(f"{len(question_files)} question files but {len(answer_files)} answer files")
     results = {}
     for qf, af in zip(question_files, answer_files):
-        qs, bad_q = read_by_id(qf, _check_question)
-        ans, bad_a = read_by_id(af, _check_answer)
+        qs, bad_q = read_jsonl(qf, ("question_id",), _check_question, unique="question_id")
+        ans, bad_a = read_jsonl(af, ("question_id",), _check_answer, unique="question_id")
+        qs, ans = ({r["question_id"]: r for r in recs} for recs in (qs, ans))
         ids = [i for i in qs if i in ans]
         m = M.pope_metrics([ans[i].get("answer", ans[i].get("text")) for i in ids], [qs[i]["label"] for i in ids])
         m.update(n_bad=bad_q + bad_a, n_missing=len(qs) - len(ids),

@@ -50,22 +50,31 @@ def sha256_weights(model_dir):
     return h.hexdigest()
 
 
-def read_jsonl(path, required=()):
-    """Records of a JSONL file; a malformed line or one missing a required field is reported, skipped and counted."""
-    records, bad = [], 0
+def read_jsonl(path, required=(), check=None, unique=None):
+    """Records of a JSONL file. A line that is not a JSON object, lacks a required field, fails `check` (a function
+    returning a problem string or None) or repeats an earlier line's `unique` field (the first one counts) is
+    reported as "<file>:<line>: skipping malformed line (<problem>)", skipped and counted: returns (records, n_bad)."""
+    records, bad, seen = [], 0, set()
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
+                problem = None if isinstance(rec, dict) else "not a JSON object"
+            except json.JSONDecodeError as e:
+                problem = f"not valid JSON: {e.msg}"
+            if not problem:
                 missing = [k for k in required if k not in rec]
-                if missing:
-                    raise ValueError(f"missing field(s) {missing}")
-            except (json.JSONDecodeError, ValueError) as e:
-                print(f"{path}:{n}: skipping malformed line ({e})", file=sys.stderr)
+                problem = f"missing field(s) {missing}" if missing else check(rec) if check else None
+            if not problem and unique is not None and rec[unique] in seen:
+                problem = f"repeats {unique} {rec[unique]!r}"
+            if problem:
+                print(f"{path}:{n}: skipping malformed line ({problem})", file=sys.stderr)
                 bad += 1
                 continue
+            if unique is not None:
+                seen.add(rec[unique])
             records.append(rec)
     return records, bad
 

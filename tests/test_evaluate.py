@@ -81,10 +81,11 @@ def test_pope_scorer_bad_lines(tmp_path, capsys):
     )
     res = E.score_pope_files([str(q)], [str(a)])
     err = capsys.readouterr().err
-    assert f"{q}:2: not valid JSON" in err
-    assert f"{q}:3: label 'maybe' is not yes/no" in err
-    assert f"{a}:4: no string 'answer'" in err and f"{a}:5: not a JSON object" in err
-    assert f"{a}:3: repeats question_id 3" in err
+    assert f"{q}:2: skipping malformed line (not valid JSON" in err
+    assert f"{q}:3: skipping malformed line (label 'maybe' is not yes/no)" in err
+    assert f"{a}:4: skipping malformed line (no string 'answer'" in err
+    assert f"{a}:5: skipping malformed line (not a JSON object)" in err
+    assert f"{a}:3: skipping malformed line (repeats question_id 3)" in err
     m = res["random"]
     assert m["n_bad"] == 5  # 2 question lines, 2 answer lines, 1 repeated id
     assert m["n"] == 2 and m["n_missing"] == 1  # question 4 has no answer
@@ -117,7 +118,7 @@ def _perfect_short(sc, r):
 
 def _hallucinated_description(sc):
     extra = [{"shape": b, "color": "red", "size": "small", "pos": "center"} for b in absent_buddies(sc)]
-    return describe(sc, extra)
+    return describe(sc | {"objects": sc["objects"] + extra})
 
 
 def test_world_benchmarks_perfect_answerer():
