@@ -14,6 +14,7 @@ from sena.world import (
     BUDDIES,
     COOC,
     SHAPES,
+    absent_buddies,
     buddy_rate,
     describe,
     mentioned_shapes,
@@ -23,6 +24,7 @@ from sena.world import (
     render,
     sample_scenes,
 )
+from sena.world.language import where
 from sena.world.tasks import KINDS, Noise, make_example, sample_examples
 from sena.world.tokenizer import build_tokenizer, save_tokenizer, world_texts
 
@@ -149,13 +151,22 @@ def test_task_mix_formats_and_noise_knobs():
         for sc in lone:
             q = f"Is there a {BUDDIES[sc['objects'][0]['shape']]} in the image?"
             assert short_answer(rng, sc, q, noise) == want
-    # Descriptions name an absent buddy at rate 1 and never at rate 0.
+    # Descriptions name an absent buddy at rate 1, right after its partner and with its size, and never at rate 0.
     from sena.world.tasks import noisy_description
 
     for sc in lone:
-        buddy = BUDDIES[sc["objects"][0]["shape"]]
-        assert buddy in mentioned_shapes(noisy_description(rng, sc, Noise(desc_hal=(1.0, 1.0))))
+        o = sc["objects"][0]
+        buddy = BUDDIES[o["shape"]]
+        text = noisy_description(rng, sc, Noise(desc_hal=(1.0, 1.0)))
+        assert mentioned_shapes(text) == [o["shape"], buddy]
+        assert f"{o['shape']} {where(o['pos'])} and a {o['size']} " in text
         assert mentioned_shapes(noisy_description(rng, sc, Noise(desc_hal=(0.0, 0.0)))) == [sc["objects"][0]["shape"]]
+    for sc in scenes:  # in longer lists too: the phantom follows its partner, the real objects keep their order
+        if len(sc["objects"]) > 1 and absent_buddies(sc):
+            named = mentioned_shapes(noisy_description(rng, sc, Noise(desc_hal=(1.0, 1.0))))
+            (extra,) = [s for s in named if s in absent_buddies(sc)]
+            assert named.index(extra) == named.index(BUDDIES[extra]) + 1
+            assert [s for s in named if s != extra] == [o["shape"] for o in sc["objects"]]
 
 
 def test_write_split_pool_holds_only_images(tmp_path):

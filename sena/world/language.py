@@ -70,12 +70,12 @@ def object_phrase(o: dict) -> str:
     return f"a {o['size']} {o['color']} {o['shape']} {where(o['pos'])}"
 
 
-def describe(scene: dict, extra: list[dict] | None = None) -> str:
-    """One sentence naming every object in reading order (extra objects, if given, are appended at the end).
+def describe(scene: dict) -> str:
+    """One sentence naming every object of scene["objects"] in list order (reading order for a scene record).
 
     "There is a small red circle at the top left and a large blue star in the center."
     """
-    phrases = [object_phrase(o) for o in scene["objects"]] + [object_phrase(o) for o in extra or []]
+    phrases = [object_phrase(o) for o in scene["objects"]]
     body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"There is {body}."
 

@@ -9,10 +9,10 @@ the LLaVA v1 sequence. Kinds:
   improve  IMPROVE(description, question, answer) or _NO_DESCRIPTION -> "Improved Answer: <precise answer>"
 
 Annotation noise (the knobs in Noise), as GPT-written instruction data has it: a description sometimes names an
-absent buddy of a present shape, and an existence question about an absent buddy is sometimes answered "Yes".
-Both rates are (lo, hi) pairs: hi applies when the present partner of the absent buddy is large, lo when it is
-small. A visible cue is what lets greedy decoding inherit the fault: with one flat rate under 1/2 the mode of
-every conditional would stay correct and a greedy θ0 would not hallucinate at all.
+absent buddy of a present shape (right after it), and an existence question about an absent buddy is sometimes
+answered "Yes". Both rates are (lo, hi) pairs: hi applies when the present partner of the absent buddy is large, lo
+when it is small. A visible cue is what lets greedy decoding inherit the fault: with one flat rate under 1/2 the mode
+of every conditional would stay correct and a greedy θ0 would not hallucinate at all.
 """
 
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ KINDS = ["des", "gen", "ask", "check", "improve"]
 class Noise:
     """Rates of annotation noise and of deliberately bad inputs in the θ0 mix (see module docstring)."""
 
-    desc_hal: tuple = (0.1, 0.7)  # P(description appends an absent buddy), (partner small, partner large)
+    desc_hal: tuple = (0.1, 0.7)  # P(description names an absent buddy), (partner small, partner large)
     exist_hal: tuple = (0.1, 0.7)  # P("Yes" to "Is there a <absent buddy>?"), same cue
     ask_unanswerable: float = 0.3  # P(ASK_QUESTION target asks about an absent buddy)
     check_unanswerable: float = 0.5  # P(the self-check input question is unanswerable)
@@ -115,21 +115,30 @@ def repair_question(rng, scene: dict, bad: str) -> str:
 
 
 def noisy_description(rng, scene: dict, noise: Noise) -> str:
-    """The description an annotator wrote: sometimes with an absent buddy appended at a free cell."""
+    """The description an annotator wrote: sometimes with an absent buddy named right after its present partner.
+
+    Placed there, the phantom is what a language prior produces: having just written "a large red circle", the
+    annotator goes on to "and a large ... square". The greedy decision is then taken at one place, with the cue
+    (the partner's size) in plain view, so a θ0 that learned the noise at rate > 1/2 hallucinates under greedy
+    decoding. (Appended at the end, the phantom only appeared after a complete object list, which θ0 rarely wrote.)
+    """
     buddies = absent_buddies(scene)
     if buddies:
         large = [b for b in buddies if find(scene, BUDDIES[b])["size"] == "large"]
         b = rng.choice(large or buddies)
         if rng.random() < _rate(noise.desc_hal, scene, b):
-            return L.describe(scene, [phantom(rng, scene, b)])
+            objs = list(scene["objects"])
+            partner = find(scene, BUDDIES[b])
+            objs.insert(objs.index(partner) + 1, phantom(rng, scene, b, size=partner["size"]))
+            return L.describe(scene | {"objects": objs})
     return L.describe(scene)
 
 
-def phantom(rng, scene: dict, shape: str) -> dict:
-    """An object that is not in the image: given shape, random look, at a free cell."""
+def phantom(rng, scene: dict, shape: str, size: str | None = None) -> dict:
+    """An object that is not in the image: given shape (and size, if given), random colour, at a free cell."""
     used = {o["pos"] for o in scene["objects"]}
     cell = POSITIONS.index(rng.choice([p for p in POSITIONS if p not in used]))
-    return {"shape": shape, "color": rng.choice(COLORS), "size": rng.choice(SIZES), "pos": POSITIONS[cell],
+    return {"shape": shape, "color": rng.choice(COLORS), "size": size or rng.choice(SIZES), "pos": POSITIONS[cell],
             "row": cell // 3, "col": cell % 3}
 
 
