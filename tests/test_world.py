@@ -211,6 +211,23 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
     assert SHAPES  # the world constants are importable beside the builder
 
 
+def test_reading_warmup_runs_one_type_after_another_then_the_mix(tok):
+    from sena.world.build import TRAIN, plan_rows
+
+    tr = TRAIN | dict(steps=9, reading_steps=6, batch_size=3, per_image=2, reading_types=("color", "exist", "shape"))
+    scenes = sample_scenes(10, seed=2)
+    n_tok, img_id = 9, tok.convert_tokens_to_ids("<image>")
+    rows, owner, batches, phase = plan_rows(random.Random(0), scenes, tok, tr, Noise(), n_tok, img_id)
+    assert phase == ["color"] * 2 + ["exist"] * 2 + ["shape"] * 2 + ["mix"] * 3
+    assert sorted(i for b in batches for i in b) == list(range(27)) and all(len(b) == 3 for b in batches)
+    assert owner == [i % len(scenes) for i in range(27)]
+    for step, b in enumerate(batches[:6]):  # every warm-up example asks its phase's question type
+        for i in b:
+            for ids, _ in rows[i]:
+                prompt = tok.decode(ids[ids.index(img_id) + n_tok:][:12]).strip()
+                assert question_type(prompt) == phase[step], (step, prompt)
+
+
 def test_shared_prefix_packing_equals_unpacked_loss_and_grads():
     from sena.chat import build_example, collate
     from sena.model import Llava

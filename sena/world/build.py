@@ -243,6 +243,35 @@ def tower_features(model, images, image_cfg, chunk=256) -> torch.Tensor:
                       for s in range(0, len(images), chunk)])
 
 
+def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
+    """Stage 2's data, in training order: the reading warm-up one question type after another, then the whole mix.
+
+    One row = one image with tr["per_image"] examples (fresh task draws each time an image comes round again), token
+    ids built once. Reading type k of K owns steps [k*R//K, (k+1)*R//K) of the R = reading_steps warm-up steps; the
+    mix owns the rest. Batches are shuffled within a phase, never across phases (shuffled across, the "one type at a
+    time" warm-up was a uniform mixture of the types, and existence was never learned).
+    Returns rows (lists of (input_ids, labels)), owner (scene index per row), batches (row indices per step) and
+    phase (the reading type per step, "mix" for the mix).
+    """
+    bs, types = tr["batch_size"], list(tr["reading_types"])
+    read = min(tr["reading_steps"], tr["steps"])
+    bounds = [k * read // len(types) for k in range(len(types) + 1)] + [tr["steps"]]
+    rows, owner, batches, phase = [], [], [], []
+    for k, qtype in enumerate(types + ["mix"]):
+        first = len(rows)
+        for r in range(bounds[k] * bs, bounds[k + 1] * bs):
+            sc = scenes[r % len(scenes)]
+            exs = (sample_examples(rng, sc, tr["per_image"], noise) if qtype == "mix"
+                   else reading_examples(rng, sc, tr["per_image"], qtype))
+            rows.append([build_example(tok, user, answer, n_tok, img_id) for _, user, answer in exs])
+            owner.append(r % len(scenes))
+        lengths = [sum(len(e[0]) for e in row) for row in rows[first:]]
+        n = bounds[k + 1] - bounds[k]
+        batches += [[first + i for i in b] for b in make_batches(rng, lengths, bs, n)]
+        phase += [qtype] * n
+    return rows, owner, batches, phase
+
+
 def make_batches(rng, lengths, batch_size, n_batches):
     """Index batches: shuffled, then sorted by length within windows of 16 batches (less padding), order shuffled."""
     order = []
@@ -273,6 +302,34 @@ def weights_hash(model) -> str:
         h.update(k.encode())
         h.update(v.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def train_language(model, rows, owner, batches, image_features, prefix_len, tr, log_every, t0, c0) -> list[float]:
+    """Stage 2's loop: AdamW (no decay on norms and biases), warmup then cosine, clipping at 1, answer_loss on packed
+    rows of one image each. Trains whatever requires grad; returns the per-step losses."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tr["lr"], betas=(0.9, 0.98))
+    model.train()
+    log = []
+    for step, idx in enumerate(batches):
+        batch = pack_rows([rows[i] for i in idx], prefix_len, model.config.pad_token_id)
+        loss = answer_loss(model, batch, image_features=image_features[[owner[i] for i in idx]])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+        opt.step()
+        log.append(loss.item())
+        if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
+            avg = sum(log[-log_every:]) / len(log[-log_every:])
+            print(f"theta0 step {step:04d}/{tr['steps']} | loss {avg:.4f} | gnorm {gnorm:.2f} | "
+                  f"lr {opt.param_groups[0]['lr']:.2e} | {time.time() - t0:.0f}s wall, "
+                  f"{time.process_time() - c0:.0f}s cpu")
+    return log
 
 
 def _complete(path) -> bool:
@@ -312,25 +369,12 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     model = Llava(config)
     n_tok, img_id = config.n_image_tokens, config.image_token_index
 
-    # Data: seeded scenes rendered once as uint8. One row = one image with per_image examples (fresh task draws each
-    # time an image comes round again), packed with the shared prefix; token ids built once.
+    # Data: seeded scenes rendered once as uint8, and stage 2's rows in training order (plan_rows).
     scenes = sample_scenes(tr["n_images"], seed=rng.randrange(2**31), prefix="train")
     images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2)  # (N,3,S,S)
-    n_rows, n_read = tr["steps"] * tr["batch_size"], min(tr["reading_steps"], tr["steps"]) * tr["batch_size"]
-    rows, owner = [], []
-    for r in range(n_rows):
-        sc = scenes[r % len(scenes)]
-        # Warm-up rows go through the reading types one after another, then the whole mix.
-        exs = (reading_examples(rng, sc, tr["per_image"], tr["reading_types"][r * len(tr["reading_types"]) // n_read])
-               if r < n_read else sample_examples(rng, sc, tr["per_image"], noise))
-        rows.append([build_example(tok, user, answer, n_tok, img_id) for _, user, answer in exs])
-        owner.append(r % len(scenes))
+    rows, owner, batches, _ = plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id)
+    n_rows = len(rows)
     prefix_len = rows[0][0][0].index(img_id) + n_tok  # BOS + system line + "USER:" + image tokens
-    lengths = [sum(len(e[0]) for e in row) for row in rows]
-    # The reading warm-up rows come first, then the whole mix.
-    batches = make_batches(rng, lengths[:n_read], tr["batch_size"], n_read // tr["batch_size"])
-    batches += [[n_read + i for i in b] for b in make_batches(rng, lengths[n_read:], tr["batch_size"],
-                                                                 tr["steps"] - n_read // tr["batch_size"])]
     t_data = time.time() - t0
     grid = config.vision.image_size // config.vision.patch_size
     vloss = pretrain_vision(model, images, cell_targets(scenes, grid), image_cfg, rng, tr["vision_steps"],
@@ -356,28 +400,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
         model.model.language_model.embed_tokens.requires_grad_(False)
     with torch.no_grad():
         image_features = model.model.multi_modal_projector(feats)  # (N, n_image_tokens, D)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tr["lr"], betas=(0.9, 0.98))
-    model.train()
-    log = []
-    for step, idx in enumerate(batches):
-        batch = pack_rows([rows[i] for i in idx], prefix_len, config.pad_token_id)
-        loss = answer_loss(model, batch, image_features=image_features[[owner[i] for i in idx]])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
-        opt.step()
-        log.append(loss.item())
-        if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
-            avg = sum(log[-log_every:]) / len(log[-log_every:])
-            print(f"theta0 step {step:04d}/{tr['steps']} | loss {avg:.4f} | gnorm {gnorm:.2f} | "
-                  f"lr {opt.param_groups[0]['lr']:.2e} | {time.time() - t0:.0f}s wall, "
-                  f"{time.process_time() - c0:.0f}s cpu")
+    log = train_language(model, rows, owner, batches, image_features, prefix_len, tr, log_every, t0, c0)
 
     # Save to a temporary folder, then rename, so an interrupted build never looks complete.
     tmp = out + ".tmp"
