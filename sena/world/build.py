@@ -36,10 +36,8 @@ from sena.world.tokenizer import build_tokenizer, save_tokenizer
 MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
              text_kv_heads=6, text_intermediate=512, patch=24, tie=False)
 TRAIN = dict(steps=1400, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
-             vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0,
-             reading_steps=750, reading_types=("color", "shape", "position", "exist",
-                                               "color+shape+position+exist+count"),
-             freeze_embed=True)
+             vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0, align_bag=0.5,
+             reading_steps=750, reading_types=("color+shape+position+exist+count",), freeze_embed=True)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -162,6 +160,12 @@ def cell_targets(scenes, grid: int) -> torch.Tensor:
     return out
 
 
+def presence(targets) -> torch.Tensor:
+    """(N, n_shapes) float: 1 where the shape is somewhere in the scene, from cell_targets' shape column."""
+    shapes = targets[..., 0]  # (N, cells), len(SHAPES) = empty
+    return F.one_hot(shapes, len(SHAPES) + 1)[..., : len(SHAPES)].amax(1).float()
+
+
 def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, lr):
     """Stage 1: the vision tower learns to name the object in each patch's cell (linear heads, dropped afterwards).
 
@@ -169,24 +173,27 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     trained jointly with a blank tower learns the caption prior long before it learns to look (its image tokens
     drift to a large constant and stop carrying content). So the tower is pretrained here and frozen afterwards.
     Loss: sum over (shape, colour, size) of the mean per-patch cross-entropy of linear heads on the features LLaVA
-    reads (hidden states of layer vision_feature_layer, CLS dropped). Labels are world labels, as everywhere in the
-    θ0 build.
+    reads (hidden states of layer vision_feature_layer, CLS dropped), plus the mean binary cross-entropy of a head
+    that says from every patch which shapes are anywhere in the image (global context, as CLIP's patches carry).
+    Labels are world labels, as everywhere in the θ0 build.
     """
     tower, c = model.model.vision_tower, model.config
     layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
-    splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1]
+    splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, len(SHAPES)]
     heads = torch.nn.Linear(c.vision.hidden_size, sum(splits))
+    present = presence(targets)  # (N, n_shapes)
 
     def batch_loss(idx):
-        logits = heads(tower(pixels(images[idx], image_cfg), layer)[:, 1:]).split(splits, dim=-1)  # (B, N, .) each
-        return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
+        *logits, bag = heads(tower(pixels(images[idx], image_cfg), layer)[:, 1:]).split(splits, dim=-1)  # (B, N, .)
+        loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
                    for k, lg in enumerate(logits))
+        return loss + F.binary_cross_entropy_with_logits(bag, present[idx][:, None].expand_as(bag))
 
     params = list(tower.parameters()) + list(heads.parameters())
     return fit(params, batch_loss, len(images), rng, steps, batch_size, lr, weight_decay=0.01)
 
 
-def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0):
+def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0, bag=0.0):
     """Stage 1b: the projector learns to write each cell's words into its image token.
 
     Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
@@ -196,6 +203,9 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     basis holds). Loss: squared error relative to the targets' mean squared norm,
         L = mean_{b,p} |proj(f_bp) - t_bp|^2 / mean_{b,p} |t_bp|^2.
     feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
+    bag: every token also carries bag x the sum of the embeddings of all shapes in the image. "Is there a star?" is
+    then a readout of any image token (the MLP compares the question's shape with the bag) instead of a content
+    match over the nine tokens, which stage 2 learns only after hundreds of existence steps, if at all.
     scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
     image tokens are swamped by the first layer's residual updates and the language model never reads them.
     """
@@ -212,6 +222,7 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
             o = cells.get((r, c))
             words = ([o["size"], o["color"], o["shape"]] if o else ["nothing"]) + POSITIONS[3 * r + c].split()
             target[n, p] = scale * embed[[wid(w) for w in words]].sum(0)
+        target[n] += scale * bag * embed[[wid(o["shape"]) for o in sc["objects"]]].sum(0)
     proj = model.model.multi_modal_projector
     norm = target.pow(2).sum(-1).mean()
     batch_loss = lambda idx: (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm  # noqa: E731
@@ -381,7 +392,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
                             tr["vision_batch"], tr["vision_lr"])
     feats = tower_features(model, images, image_cfg)  # the tower is frozen from here on: compute it once
     ploss = align_projector(model, feats, scenes, tok, rng, tr["align_steps"], tr["vision_batch"], tr["vision_lr"],
-                            tr["align_scale"])
+                            tr["align_scale"], tr["align_bag"])
     print(f"theta0: vision tower pretrained ({tr['vision_steps']} steps, loss {vloss:.4f}), projector aligned "
           f"({tr['align_steps']} steps, loss {ploss:.4f}) at {time.time() - t0:.0f}s")
     print(f"theta0: {len(scenes)} images, {n_rows} rows x {tr['per_image']} examples ready in {t_data:.1f}s; "
