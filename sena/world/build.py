@@ -255,12 +255,12 @@ def tower_features(model, images, image_cfg, chunk=256) -> torch.Tensor:
 
 
 def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
-    """Stage 2's data, in training order: the reading warm-up one question type after another, then the whole mix.
+    """Stage 2's data, in training order: the reading warm-up phases one after another, then the whole mix.
 
     One row = one image with tr["per_image"] examples (fresh task draws each time an image comes round again), token
-    ids built once. Reading type k of K owns steps [k*R//K, (k+1)*R//K) of the R = reading_steps warm-up steps; the
-    mix owns the rest. Batches are shuffled within a phase, never across phases (shuffled across, the "one type at a
-    time" warm-up was a uniform mixture of the types, and existence was never learned).
+    ids built once. Reading phase k of K (a type, or "a+b" for a mixture) owns steps [k*R//K, (k+1)*R//K) of the
+    R = reading_steps warm-up steps; the mix owns the rest. Batches are shuffled within a phase, never across phases
+    (until 2026-11-30 they were shuffled across, so the "one type at a time" warm-up was really one mixture).
     Returns rows (lists of (input_ids, labels)), owner (scene index per row), batches (row indices per step) and
     phase (the reading type per step, "mix" for the mix).
     """
@@ -355,10 +355,10 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     """Train θ0 on the world mix and save it to run_dir/theta0 (skipped when a complete one is there).
 
     Stages: (1) the ViT learns per-cell labels with linear heads, then freezes; (1b) the projector learns to write
-    each cell's words into its image token, then freezes; (2) the language model (input embeddings frozen, a separate
-    LM head) first reads the image one question type at a time (colour, shape, position, existence, then all VQA types
-    mixed; TRAIN["reading_steps"]), then learns the instruction mix, several examples of one image packed per row
-    behind one shared prefix.
+    each cell's words (and the bag of the image's shapes) into its image token, then freezes; (2) the language model
+    (input embeddings frozen, a separate LM head) first reads the image through short answers of every VQA type
+    (TRAIN["reading_steps"], ["reading_types"]), then learns the instruction mix, several examples of one image packed
+    per row behind one shared prefix.
     Sizes: 72 px images with 24 px patches give 9 image tokens (one per cell); a 4-layer, 192-wide Llama and a
     3-layer, 256-wide ViT (~4.8M parameters, ~0.8M of it the ViT's last layer, which LLaVA never reads).
     train_over: any key of TRAIN (steps, batch_size = images per step, per_image = examples per image, ...).
