@@ -371,7 +371,8 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     t0, c0 = time.time(), time.process_time()
     noise = noise or Noise()
     tr = TRAIN | train_over
-    torch.set_num_threads(threads or os.cpu_count())
+    if threads:  # else torch's default, which honours OMP_NUM_THREADS (parallel builds must not oversubscribe)
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = build_tokenizer()
@@ -440,7 +441,7 @@ def main(argv=None):
     ap.add_argument("--n-pool", type=int, default=3000, help="unlabeled pool images (for SENA rounds)")
     ap.add_argument("--n-test", type=int, default=500, help="held-out test images (benchmarks)")
     ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="θ0 optimizer steps")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = ap.parse_args(argv)
     build_theta0(args.out, seed=args.seed, threads=args.threads, steps=args.steps)
     # Split seeds differ from the training-scene seed stream, so test scenes are held out.
