@@ -15,6 +15,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,11 +60,24 @@ def main(argv=None):
         print(f"seed {seed} {variant}: exit {rc}", flush=True)
         return rc
 
-    # θ0 of each seed first (the 'none' runs build it), then the other variants reuse it.
-    with ThreadPoolExecutor(args.jobs) as pool:
+    # A seed's variants start once its 'none' run has built θ0 (and copy it); the pool's FIFO queue starts every
+    # 'none' run before any variant, so a waiting variant never blocks one, and no worker idles while work is ready.
+    built = {s: threading.Event() for s in args.seeds}
+
+    def job(seed, variant):
+        if variant == "none":
+            try:
+                return one(seed, variant)
+            finally:
+                built[seed].set()
         if "none" in args.variants:
-            list(pool.map(lambda s: one(s, "none"), args.seeds))
-        list(pool.map(lambda sv: one(*sv), [(s, v) for s in args.seeds for v in args.variants if v != "none"]))
+            built[seed].wait()
+        return one(seed, variant)
+
+    jobs = [(s, "none") for s in args.seeds if "none" in args.variants]
+    jobs += [(s, v) for s in args.seeds for v in args.variants if v != "none"]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda sv: job(*sv), jobs))
     table(out, args.seeds, args.variants, args.n_iters)
 
 
