@@ -160,6 +160,8 @@ def test_task_mix_formats_and_noise_knobs():
         text = noisy_description(rng, sc, Noise(desc_hal=(1.0, 1.0)))
         assert mentioned_shapes(text) == [o["shape"], buddy]
         assert f"{o['shape']} {where(o['pos'])} and a {o['size']} " in text
+        same = noisy_description(rng, sc, Noise(desc_hal=(1.0, 1.0), phantom_color="partner"))
+        assert f"{o['shape']} {where(o['pos'])} and a {o['size']} {o['color']} {buddy} " in same
         assert mentioned_shapes(noisy_description(rng, sc, Noise(desc_hal=(0.0, 0.0)))) == [sc["objects"][0]["shape"]]
     for sc in scenes:  # in longer lists too: the phantom follows its partner, the real objects keep their order
         if len(sc["objects"]) > 1 and absent_buddies(sc):

@@ -33,6 +33,7 @@ class Noise:
     ask_unanswerable: float = 0.3  # P(ASK_QUESTION target asks about an absent buddy)
     check_unanswerable: float = 0.5  # P(the self-check input question is unanswerable)
     improve_wrong: float = 0.5  # P(the current answer in an improve prompt is wrong)
+    phantom_color: str = "random"  # the phantom's colour: "random", or "partner" (its present partner's)
     mix: tuple = (0.22, 0.40, 0.10, 0.10, 0.18)  # weights of KINDS
 
 
@@ -129,7 +130,10 @@ def noisy_description(rng, scene: dict, noise: Noise) -> str:
         if rng.random() < _rate(noise.desc_hal, scene, b):
             objs = list(scene["objects"])
             partner = find(scene, BUDDIES[b])
-            objs.insert(objs.index(partner) + 1, phantom(rng, scene, b, size=partner["size"]))
+            ph = phantom(rng, scene, b, size=partner["size"])
+            if noise.phantom_color == "partner":
+                ph["color"] = partner["color"]
+            objs.insert(objs.index(partner) + 1, ph)
             return L.describe(scene | {"objects": objs})
     return L.describe(scene)
 
