@@ -130,20 +130,18 @@ def noisy_description(rng, scene: dict, noise: Noise) -> str:
         if rng.random() < _rate(noise.desc_hal, scene, b):
             objs = list(scene["objects"])
             partner = find(scene, BUDDIES[b])
-            ph = phantom(rng, scene, b, size=partner["size"])
-            if noise.phantom_color == "partner":
-                ph["color"] = partner["color"]
-            objs.insert(objs.index(partner) + 1, ph)
+            color = partner["color"] if noise.phantom_color == "partner" else None
+            objs.insert(objs.index(partner) + 1, phantom(rng, scene, b, size=partner["size"], color=color))
             return L.describe(scene | {"objects": objs})
     return L.describe(scene)
 
 
-def phantom(rng, scene: dict, shape: str, size: str | None = None) -> dict:
-    """An object that is not in the image: given shape (and size, if given), random colour, at a free cell."""
+def phantom(rng, scene: dict, shape: str, size: str | None = None, color: str | None = None) -> dict:
+    """An object that is not in the image: given shape (size and colour if given, else random), at a free cell."""
     used = {o["pos"] for o in scene["objects"]}
     cell = POSITIONS.index(rng.choice([p for p in POSITIONS if p not in used]))
-    return {"shape": shape, "color": rng.choice(COLORS), "size": size or rng.choice(SIZES), "pos": POSITIONS[cell],
-            "row": cell // 3, "col": cell % 3}
+    return {"shape": shape, "color": color or rng.choice(COLORS), "size": size or rng.choice(SIZES),
+            "pos": POSITIONS[cell], "row": cell // 3, "col": cell % 3}
 
 
 def short_answer(rng, scene: dict, q: str, noise: Noise) -> str:
