@@ -36,7 +36,7 @@ from sena import benchfiles as BF
 from sena import metrics as M
 from sena import prompts as P
 from sena.io import read_jsonl
-from sena.pairs import extract_questions
+from sena.pairs import extract_questions, parse_improved
 from sena.world.language import (
     NUMBERS,
     RELATIONS,
@@ -281,6 +281,11 @@ def score_world(reqs, scenes):
         "sq_answerable_checked": M.rate(r["question"] is not None and oracle_answer(by_image[r["image"]],
                                         r["question"]) is not None for r in pick("self_check")),
         "des_exact": M.rate(r["answer"].strip() == r["gold"] for r in des),
+        # Self-enhancement's effect on its own colour answers: correct before, and after (a refused rewrite keeps
+        # the answer, as in generate.py).
+        "improve_before_correct": M.rate(M.answer_correct(r["before"], r["gold"], COLORS) for r in pick("improve")),
+        "improve_after_correct": M.rate(M.answer_correct(parse_improved(r["answer"]) or r["before"], r["gold"],
+                                                         COLORS) for r in pick("improve")),
     }  # fmt: skip
     return {
         "pope": pope, "chair": M.chair(mentions, gt),
@@ -300,10 +305,12 @@ def follow_up_requests(reqs):
             out.append({"task": "self_check", "split": "self_check", "image": r["image"], "gold": None,
                         "prompt": P.SELF_CHECK.format(question=r["answer"].strip())})  # fmt: skip
         if r["task"] == "vqa" and r["split"] == "color":
-            d, q, a = des[r["image"]], r["text"], r["answer"].strip()
+            # The question is the whole short-answer prompt, suffix included, as generate.py passes it.
+            d, q, a = des[r["image"]], r["prompt"], r["answer"].strip()
             prompt = (P.IMPROVE_NO_DESCRIPTION.format(question=q, answer=a) if d == "Yes"
                       else P.IMPROVE.format(description=d, question=q, answer=a))  # fmt: skip
-            out.append({"task": "improve", "split": "improve", "image": r["image"], "gold": None, "prompt": prompt})
+            out.append({"task": "improve", "split": "improve", "image": r["image"], "gold": r["gold"],
+                        "before": a, "prompt": prompt})  # fmt: skip
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 import evaluate as E
+from sena import prompts as P
 from sena.world.language import describe, oracle_answer
 from sena.world.scenes import absent_buddies, sample_scenes
 
@@ -147,6 +148,24 @@ def test_world_benchmarks_yes_sayer_and_hallucinating_describer():
     assert m["amber"]["generative"]["cog"] == 1.0 and m["amber"]["generative"]["cover"] == 1.0
     assert m["amber"]["score"] == pytest.approx((1 - n_hall / n_all + 0.0) / 2)
     assert m["format"]["des_exact"] == pytest.approx(sum(not absent_buddies(sc) for sc in SCENES) / len(SCENES))
+
+
+@pytest.mark.parametrize("rewrite, after", [("Improved Answer: two", 0.0), ("I can't.", 1.0), ("gold", 1.0)])
+def test_self_enhancement_correctness(rewrite, after):
+    """improve_*_correct: the colour answer before the rewrite, and after it (a refused rewrite keeps the answer)."""
+    base = _answerer(_perfect_short, describe)
+
+    def answer(reqs):
+        base(reqs)
+        for r in reqs:
+            if r["task"] == "improve":
+                r["answer"] = f"Improved Answer: The shape is {r['gold']}." if rewrite == "gold" else rewrite
+
+    m, reqs = E.run_benchmarks(SCENES, answer, seed=0, pope_k=3)
+    improve = [r for r in reqs if r["task"] == "improve"]
+    assert len(improve) == len(SCENES) and all(r["prompt"].count(P.GEN_SUFFIX.strip()) == 1 for r in improve)
+    assert m["format"]["improve_before_correct"] == 1.0
+    assert m["format"]["improve_after_correct"] == after
 
 
 def test_compare_prints_deltas(tmp_path, capsys):

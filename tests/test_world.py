@@ -193,7 +193,7 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
     from sena.world import build_theta0
 
     kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
-              vision_steps=2, align_steps=2, vision_batch=4, reading_steps=1)
+              vision_steps=2, align_steps=2, vision_batch=4, reading=(("color+exist", 1),))
     a = build_theta0(str(tmp_path / "a"), **kw)
     b = build_theta0(str(tmp_path / "b"), **kw)
     meta_a, meta_b = (json.load(open(os.path.join(p, "meta.json"))) for p in (a, b))
@@ -216,11 +216,11 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
 def test_reading_warmup_runs_one_type_after_another_then_the_mix(tok):
     from sena.world.build import TRAIN, plan_rows
 
-    tr = TRAIN | dict(steps=9, reading_steps=6, batch_size=3, per_image=2, reading_types=("color", "exist", "shape"))
+    tr = TRAIN | dict(steps=9, batch_size=3, per_image=2, reading=(("color", 1), ("exist", 3), ("shape", 2)))
     scenes = sample_scenes(10, seed=2)
     n_tok, img_id = 9, tok.convert_tokens_to_ids("<image>")
     rows, owner, batches, phase = plan_rows(random.Random(0), scenes, tok, tr, Noise(), n_tok, img_id)
-    assert phase == ["color"] * 2 + ["exist"] * 2 + ["shape"] * 2 + ["mix"] * 3
+    assert phase == ["color"] * 1 + ["exist"] * 3 + ["shape"] * 2 + ["mix"] * 3
     assert sorted(i for b in batches for i in b) == list(range(27)) and all(len(b) == 3 for b in batches)
     assert owner == [i % len(scenes) for i in range(27)]
     for step, b in enumerate(batches[:6]):  # every warm-up example asks its phase's question type

@@ -37,7 +37,7 @@ MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192
              text_kv_heads=6, text_intermediate=512, patch=24, tie=False)
 TRAIN = dict(steps=1400, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
              vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0, align_bag=0.5,
-             reading_steps=750, reading_types=("color+shape+position+exist+count",), freeze_embed=True)
+             reading=(("color+shape+position+exist+count", 750),), freeze_embed=True)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -258,26 +258,25 @@ def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
     """Stage 2's data, in training order: the reading warm-up phases one after another, then the whole mix.
 
     One row = one image with tr["per_image"] examples (fresh task draws each time an image comes round again), token
-    ids built once. Reading phase k of K (a type, or "a+b" for a mixture) owns steps [k*R//K, (k+1)*R//K) of the
-    R = reading_steps warm-up steps; the mix owns the rest. Batches are shuffled within a phase, never across phases
+    ids built once. tr["reading"] lists the warm-up phases as (type, steps); a type is one VQA type or "a+b" for a
+    mixture. The mix owns the steps left of tr["steps"]. Batches are shuffled within a phase, never across phases
     (until 2026-11-30 they were shuffled across, so the "one type at a time" warm-up was really one mixture).
     Returns rows (lists of (input_ids, labels)), owner (scene index per row), batches (row indices per step) and
     phase (the reading type per step, "mix" for the mix).
     """
-    bs, types = tr["batch_size"], list(tr["reading_types"])
-    read = min(tr["reading_steps"], tr["steps"])
-    bounds = [k * read // len(types) for k in range(len(types) + 1)] + [tr["steps"]]
+    bs = tr["batch_size"]
+    phases = [(q, n) for q, n in tr["reading"]] + [("mix", tr["steps"])]
     rows, owner, batches, phase = [], [], [], []
-    for k, qtype in enumerate(types + ["mix"]):
+    for qtype, n in phases:
+        n = min(n, tr["steps"] - len(batches))
         first = len(rows)
-        for r in range(bounds[k] * bs, bounds[k + 1] * bs):
+        for r in range(len(batches) * bs, (len(batches) + n) * bs):
             sc = scenes[r % len(scenes)]
             exs = (sample_examples(rng, sc, tr["per_image"], noise) if qtype == "mix"
                    else reading_examples(rng, sc, tr["per_image"], qtype))
             rows.append([build_example(tok, user, answer, n_tok, img_id) for _, user, answer in exs])
             owner.append(r % len(scenes))
         lengths = [sum(len(e[0]) for e in row) for row in rows[first:]]
-        n = bounds[k + 1] - bounds[k]
         batches += [[first + i for i in b] for b in make_batches(rng, lengths, bs, n)]
         phase += [qtype] * n
     return rows, owner, batches, phase
@@ -357,7 +356,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     Stages: (1) the ViT learns per-cell labels with linear heads, then freezes; (1b) the projector learns to write
     each cell's words (and the bag of the image's shapes) into its image token, then freezes; (2) the language model
     (input embeddings frozen, a separate LM head) first reads the image through short answers of every VQA type
-    (TRAIN["reading_steps"], ["reading_types"]), then learns the instruction mix, several examples of one image packed
+    (TRAIN["reading"]), then learns the instruction mix, several examples of one image packed
     per row behind one shared prefix.
     Sizes: 72 px images with 24 px patches give 9 image tokens (one per cell); a 4-layer, 192-wide Llama and a
     3-layer, 256-wide ViT (~4.8M parameters, ~0.8M of it the ViT's last layer, which LLaVA never reads).

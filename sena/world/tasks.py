@@ -226,7 +226,7 @@ def sample_examples(rng, scene: dict, n: int, noise: Noise) -> list[tuple[str, s
 
 
 def reading_examples(rng, scene: dict, n: int, qtype: str = "color") -> list[tuple[str, str, str]]:
-    """n short-answer examples of one VQA type: θ0's warm-up (TRAIN["reading_steps"], ["reading_types"]).
+    """n short-answer examples of one VQA type: θ0's warm-up (TRAIN["reading"]).
 
     qtype "color+shape" draws the type of each example uniformly from the listed ones.
 
