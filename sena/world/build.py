@@ -14,7 +14,6 @@ machine and thread count gives identical weights.
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -27,8 +26,9 @@ import torch.nn.functional as F
 from sena.chat import build_example
 from sena.image import default_image_cfg
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
+from sena.world.encoder import align_projector, cell_targets, lr_at, pretrain_vision, tower_features
 from sena.world.render import IMAGE_SIZE, render
-from sena.world.scenes import COLORS, COOC, SHAPES, SIZES, sample_scenes
+from sena.world.scenes import COOC, sample_scenes
 from sena.world.tasks import Noise, reading_examples, sample_examples
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
@@ -74,14 +74,6 @@ def model_config(tok, **over) -> ModelConfig:
                       tie_word_embeddings=m["tie"])
     return ModelConfig(vision, text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-
-
-def pixels(images_uint8: torch.Tensor, image_cfg: dict) -> torch.Tensor:
-    """(B, 3, S, S) uint8 -> normalized float32, the same arithmetic as sena.image.preprocess at native size."""
-    x = (images_uint8.double() * image_cfg["rescale_factor"]).float()
-    mean = torch.tensor(image_cfg["image_mean"], dtype=torch.float32)[:, None, None]
-    std = torch.tensor(image_cfg["image_std"], dtype=torch.float32)[:, None, None]
-    return (x - mean) / std
 
 
 def pack_rows(examples, prefix_len, pad_token_id):
@@ -147,113 +139,6 @@ def answer_loss(model, batch, pixel_values=None, image_features=None):
     return (nll / count[ex]).sum() / len(count)
 
 
-def cell_targets(scenes, grid: int) -> torch.Tensor:
-    """(N, grid*grid, 3) per-patch labels: the (shape, colour, size) index of the object in the patch's 3x3 cell,
-    len(SHAPES) / len(COLORS) / len(SIZES) for an empty cell."""
-    out = torch.empty(len(scenes), grid * grid, 3, dtype=torch.long)
-    for n, sc in enumerate(scenes):
-        cells = {(o["row"], o["col"]): o for o in sc["objects"]}
-        for p in range(grid * grid):
-            o = cells.get((p // grid * 3 // grid, p % grid * 3 // grid))
-            out[n, p] = torch.tensor([SHAPES.index(o["shape"]), COLORS.index(o["color"]), SIZES.index(o["size"])]
-                                     if o else [len(SHAPES), len(COLORS), len(SIZES)])
-    return out
-
-
-def presence(targets) -> torch.Tensor:
-    """(N, n_shapes) float: 1 where the shape is somewhere in the scene, from cell_targets' shape column."""
-    shapes = targets[..., 0]  # (N, cells), len(SHAPES) = empty
-    return F.one_hot(shapes, len(SHAPES) + 1)[..., : len(SHAPES)].amax(1).float()
-
-
-def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, lr):
-    """Stage 1: the vision tower learns to name the object in each patch's cell (linear heads, dropped afterwards).
-
-    LLaVA starts from a pretrained CLIP and keeps it frozen; our tower starts from scratch, and a language model
-    trained jointly with a blank tower learns the caption prior long before it learns to look (its image tokens
-    drift to a large constant and stop carrying content). So the tower is pretrained here and frozen afterwards.
-    Loss: sum over (shape, colour, size) of the mean per-patch cross-entropy of linear heads on the features LLaVA
-    reads (hidden states of layer vision_feature_layer, CLS dropped), plus the mean binary cross-entropy of a head
-    that says from every patch which shapes are anywhere in the image (global context, as CLIP's patches carry).
-    Labels are world labels, as everywhere in the θ0 build.
-    """
-    tower, c = model.model.vision_tower, model.config
-    layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
-    splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, len(SHAPES)]
-    heads = torch.nn.Linear(c.vision.hidden_size, sum(splits))
-    present = presence(targets)  # (N, n_shapes)
-
-    def batch_loss(idx):
-        *logits, bag = heads(tower(pixels(images[idx], image_cfg), layer)[:, 1:]).split(splits, dim=-1)  # (B, N, .)
-        loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
-                   for k, lg in enumerate(logits))
-        return loss + F.binary_cross_entropy_with_logits(bag, present[idx][:, None].expand_as(bag))
-
-    params = list(tower.parameters()) + list(heads.parameters())
-    return fit(params, batch_loss, len(images), rng, steps, batch_size, lr, weight_decay=0.01)
-
-
-def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0, bag=0.0):
-    """Stage 1b: the projector learns to write each cell's words into its image token.
-
-    Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
-    E[▁small] + E[▁red] + E[▁star] + E[▁top] + E[▁left], or E[▁nothing] + position words for an empty cell. A
-    language model then finds "star" and reads "red" in the image token with the same embeddings it reads text
-    with, instead of discovering an image code first (the input embeddings stay frozen at init in stage 2, so this
-    basis holds). Loss: squared error relative to the targets' mean squared norm,
-        L = mean_{b,p} |proj(f_bp) - t_bp|^2 / mean_{b,p} |t_bp|^2.
-    feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
-    bag: every token also carries bag x the sum of the embeddings of all shapes in the image. "Is there a star?" is
-    then a readout of any image token (the MLP compares the question's shape with the bag) instead of a content
-    match over the nine tokens, which stage 2 learns only after hundreds of existence steps, if at all.
-    scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
-    image tokens are swamped by the first layer's residual updates and the language model never reads them.
-    """
-    from sena.world.scenes import POSITIONS
-
-    embed = model.model.language_model.embed_tokens.weight.detach()
-    grid = int(round(feats.shape[1] ** 0.5))
-    wid = lambda w: tok.convert_tokens_to_ids("▁" + w)  # noqa: E731
-    target = torch.zeros(len(scenes), feats.shape[1], embed.shape[1])
-    for n, sc in enumerate(scenes):
-        cells = {(o["row"], o["col"]): o for o in sc["objects"]}
-        for p in range(feats.shape[1]):
-            r, c = p // grid * 3 // grid, p % grid * 3 // grid
-            o = cells.get((r, c))
-            words = ([o["size"], o["color"], o["shape"]] if o else ["nothing"]) + POSITIONS[3 * r + c].split()
-            target[n, p] = scale * embed[[wid(w) for w in words]].sum(0)
-        target[n] += scale * bag * embed[[wid(o["shape"]) for o in sc["objects"]]].sum(0)
-    proj = model.model.multi_modal_projector
-    norm = target.pow(2).sum(-1).mean()
-    batch_loss = lambda idx: (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm  # noqa: E731
-    return fit(proj.parameters(), batch_loss, len(scenes), rng, steps, batch_size, lr, weight_decay=0.0)
-
-
-def fit(params, batch_loss, n, rng, steps, batch_size, lr, weight_decay):
-    """The loop of stages 1 and 1b: AdamW on batch_loss(idx) for random index batches of range(n), linear warmup over
-    the first 10% of steps, then cosine decay (lr_at). Returns the mean loss of the last 20 steps."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses = []
-    for step in range(steps):
-        loss = batch_loss([rng.randrange(n) for _ in range(batch_size)])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return sum(losses[-20:]) / max(1, len(losses[-20:]))
-
-
-@torch.no_grad()
-def tower_features(model, images, image_cfg, chunk=256) -> torch.Tensor:
-    """(N, n_image_tokens, Dv): the frozen tower's features LLaVA reads (layer vision_feature_layer, CLS dropped)."""
-    c = model.config
-    layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
-    return torch.cat([model.model.vision_tower(pixels(images[s: s + chunk], image_cfg), layer)[:, 1:]
-                      for s in range(0, len(images), chunk)])
-
-
 def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
     """Stage 2's data, in training order: the reading warm-up phases one after another, then the whole mix.
 
@@ -296,14 +181,6 @@ def make_batches(rng, lengths, batch_size, n_batches):
         batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def lr_at(step, steps, lr, warmup):
-    """Linear warmup to lr, then cosine decay to lr/10."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def weights_hash(model) -> str:

@@ -33,6 +33,10 @@ class Noise:
     ask_unanswerable: float = 0.3  # P(ASK_QUESTION target asks about an absent buddy)
     check_unanswerable: float = 0.5  # P(the self-check input question is unanswerable)
     improve_wrong: float = 0.5  # P(the current answer in an improve prompt is wrong)
+    # The description in a short-answer improve prompt: P("Yes", gold, noisy, one object's colour or shape swapped).
+    # θ0's own descriptions are far worse than gold; the more often the prompt's description is wrong, the more the
+    # rewrite must read the image instead of copying a colour from the description.
+    improve_desc: tuple = (0.1, 0.5, 0.25, 0.15)
     phantom_color: str = "random"  # the phantom's colour: "random", or "partner" (its present partner's)
     mix: tuple = (0.22, 0.40, 0.10, 0.10, 0.18)  # weights of KINDS
 
@@ -202,9 +206,10 @@ def make_example(rng, scene: dict, kind: str, noise: Noise) -> tuple[str, str]:
         q = unanswerable_question(rng, scene) if rng.random() < 0.15 else answerable_question(rng, scene)
         gold = L.oracle_answer(scene, q)
         cur = wrong_answer(rng, scene, q) if gold is None or rng.random() < noise.improve_wrong else gold
-        u = rng.random()
-        desc = "Yes" if u < 0.1 else (L.describe(scene) if u < 0.6 else noisy_description(rng, scene, noise)
-                                      if u < 0.85 else wrong_description(rng, scene))
+        u, (w_yes, w_gold, w_noisy, _) = rng.random(), noise.improve_desc
+        desc = ("Yes" if u < w_yes else L.describe(scene) if u < w_yes + w_gold
+                else noisy_description(rng, scene, noise) if u < w_yes + w_gold + w_noisy
+                else wrong_description(rng, scene))
         # SENA's generate.py passes the whole short-answer prompt (question + GEN_SUFFIX) as the question. The
         # improved answer is "precise and concise": it obeys that suffix (one word or phrase, the oracle answer),
         # and is a full sentence only for a bare question or one the image does not answer.
