@@ -259,3 +259,21 @@ def test_shared_prefix_packing_equals_unpacked_loss_and_grads():
     assert torch.allclose(lp, lf, rtol=1e-10) and len(gp) == len(gf)
     # RMSNorm rounds through float32 internally, so float64 grads agree to ~1e-8 of each tensor's scale, not 1e-15.
     assert all(float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()) + 1e-15 for a, b in zip(gp, gf))
+
+
+def test_theta0_sees_the_pixels_sena_sees(tmp_path):
+    """The build normalizes rendered uint8 images itself (encoder.pixels); SENA and evaluate.py load the saved PNG and
+    run sena.image.preprocess. Both must give θ0 the same tensor, or θ0 is evaluated off its training distribution."""
+    import numpy as np
+
+    from sena.image import default_image_cfg, load_image, preprocess
+    from sena.world.encoder import pixels
+    from sena.world.render import IMAGE_SIZE
+
+    cfg = default_image_cfg(IMAGE_SIZE)
+    scenes = sample_scenes(3, seed=11)
+    ours = pixels(torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2), cfg)
+    for n, sc in enumerate(scenes):
+        path = str(tmp_path / sc["image"])
+        render(sc).save(path)
+        assert torch.allclose(preprocess(load_image(path), cfg), ours[n], atol=1e-6)
