@@ -216,11 +216,12 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
 def test_reading_warmup_runs_one_type_after_another_then_the_mix(tok):
     from sena.world.build import TRAIN, plan_rows
 
-    tr = TRAIN | dict(steps=9, batch_size=3, per_image=2, reading=(("color", 1), ("exist", 3), ("shape", 2)))
+    tr = TRAIN | dict(steps=9, batch_size=3, per_image=2, reading=(("color", 1), ("exist", 3, 2), ("shape", 2)))
     scenes = sample_scenes(10, seed=2)
     n_tok, img_id = 9, tok.convert_tokens_to_ids("<image>")
-    rows, owner, batches, phase = plan_rows(random.Random(0), scenes, tok, tr, Noise(), n_tok, img_id)
+    rows, owner, batches, phase, first_layer = plan_rows(random.Random(0), scenes, tok, tr, Noise(), n_tok, img_id)
     assert phase == ["color"] * 1 + ["exist"] * 3 + ["shape"] * 2 + ["mix"] * 3
+    assert first_layer == [0, 2, 2, 2, 0, 0, 0, 0, 0]
     assert sorted(i for b in batches for i in b) == list(range(27)) and all(len(b) == 3 for b in batches)
     assert owner == [i % len(scenes) for i in range(27)]
     for step, b in enumerate(batches[:6]):  # every warm-up example asks its phase's question type

@@ -143,16 +143,18 @@ def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
     """Stage 2's data, in training order: the reading warm-up phases one after another, then the whole mix.
 
     One row = one image with tr["per_image"] examples (fresh task draws each time an image comes round again), token
-    ids built once. tr["reading"] lists the warm-up phases as (type, steps); a type is one VQA type or "a+b" for a
-    mixture. The mix owns the steps left of tr["steps"]. Batches are shuffled within a phase, never across phases
-    (until 2026-11-30 they were shuffled across, so the "one type at a time" warm-up was really one mixture).
-    Returns rows (lists of (input_ids, labels)), owner (scene index per row), batches (row indices per step) and
-    phase (the reading type per step, "mix" for the mix).
+    ids built once. tr["reading"] lists the warm-up phases as (type, steps) or (type, steps, first_layer); a type is
+    one VQA type or "a+b" for a mixture; first_layer > 0 trains only the decoder layers from that one up (and the final
+    norm and LM head) during the phase. The mix owns the steps left of tr["steps"]. Batches are shuffled within a
+    phase, never across phases (until 2026-11-30 they were shuffled across, so the "one type at a time" warm-up was
+    really one mixture).
+    Returns rows (lists of (input_ids, labels)), owner (scene index per row), batches (row indices per step),
+    phase (the reading type per step, "mix" for the mix) and first_layer (per step).
     """
     bs = tr["batch_size"]
-    phases = [(q, n) for q, n in tr["reading"]] + [("mix", tr["steps"])]
-    rows, owner, batches, phase = [], [], [], []
-    for qtype, n in phases:
+    phases = [(*p, 0)[:3] for p in tr["reading"]] + [("mix", tr["steps"], 0)]
+    rows, owner, batches, phase, first_layer = [], [], [], [], []
+    for qtype, n, lowest in phases:
         n = min(n, tr["steps"] - len(batches))
         first = len(rows)
         for r in range(len(batches) * bs, (len(batches) + n) * bs):
@@ -164,7 +166,8 @@ def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
         lengths = [sum(len(e[0]) for e in row) for row in rows[first:]]
         batches += [[first + i for i in b] for b in make_batches(rng, lengths, bs, n)]
         phase += [qtype] * n
-    return rows, owner, batches, phase
+        first_layer += [lowest] * n
+    return rows, owner, batches, phase, first_layer
 
 
 def make_batches(rng, lengths, batch_size, n_batches):
@@ -191,9 +194,11 @@ def weights_hash(model) -> str:
     return h.hexdigest()
 
 
-def train_language(model, rows, owner, batches, image_features, prefix_len, tr, log_every, t0, c0) -> list[float]:
+def train_language(model, rows, owner, batches, first_layer, image_features, prefix_len, tr, log_every, t0,
+                   c0) -> list[float]:
     """Stage 2's loop: AdamW (no decay on norms and biases), warmup then cosine, clipping at 1, answer_loss on packed
-    rows of one image each. Trains whatever requires grad; returns the per-step losses."""
+    rows of one image each. Trains whatever requires grad, except decoder layers below first_layer[step] at that step;
+    returns the per-step losses."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
@@ -208,7 +213,10 @@ def train_language(model, rows, owner, batches, image_features, prefix_len, tr, 
             g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+        for layer in model.model.language_model.layers[: first_layer[step]]:
+            for p in layer.parameters():
+                p.grad = None  # AdamW skips a parameter without a gradient: no step, no decay, moments kept
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable if p.grad is not None], 1.0)
         opt.step()
         log.append(loss.item())
         if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
@@ -260,7 +268,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     # Data: seeded scenes rendered once as uint8, and stage 2's rows in training order (plan_rows).
     scenes = sample_scenes(tr["n_images"], seed=rng.randrange(2**31), prefix="train")
     images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2)  # (N,3,S,S)
-    rows, owner, batches, _ = plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id)
+    rows, owner, batches, _, first_layer = plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id)
     n_rows = len(rows)
     prefix_len = rows[0][0][0].index(img_id) + n_tok  # BOS + system line + "USER:" + image tokens
     t_data = time.time() - t0
@@ -288,7 +296,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
         model.model.language_model.embed_tokens.requires_grad_(False)
     with torch.no_grad():
         image_features = model.model.multi_modal_projector(feats)  # (N, n_image_tokens, D)
-    log = train_language(model, rows, owner, batches, image_features, prefix_len, tr, log_every, t0, c0)
+    log = train_language(model, rows, owner, batches, first_layer, image_features, prefix_len, tr, log_every, t0, c0)
 
     # Save to a temporary folder, then rename, so an interrupted build never looks complete.
     tmp = out + ".tmp"
