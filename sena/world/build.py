@@ -37,6 +37,7 @@ MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192
              text_kv_heads=6, text_intermediate=512, patch=24, tie=False)
 TRAIN = dict(steps=1400, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
              vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0, align_bag=0.5,
+             bag_basis="words",
              reading=(("color+shape+position+exist+count", 750),), freeze_embed=True)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
@@ -277,7 +278,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
                             tr["vision_batch"], tr["vision_lr"])
     feats = tower_features(model, images, image_cfg)  # the tower is frozen from here on: compute it once
     ploss = align_projector(model, feats, scenes, tok, rng, tr["align_steps"], tr["vision_batch"], tr["vision_lr"],
-                            tr["align_scale"], tr["align_bag"])
+                            tr["align_scale"], tr["align_bag"], tr["bag_basis"])
     print(f"theta0: vision tower pretrained ({tr['vision_steps']} steps, loss {vloss:.4f}), projector aligned "
           f"({tr['align_steps']} steps, loss {ploss:.4f}) at {time.time() - t0:.0f}s")
     print(f"theta0: {len(scenes)} images, {n_rows} rows x {tr['per_image']} examples ready in {t_data:.1f}s; "

@@ -66,7 +66,7 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     return fit(params, batch_loss, len(images), rng, steps, batch_size, lr, weight_decay=0.01)
 
 
-def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0, bag=0.0):
+def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0, bag=0.0, bag_basis="words"):
     """Stage 1b: the projector learns to write each cell's words into its image token.
 
     Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
@@ -79,6 +79,11 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     bag: every token also carries bag x the sum of the embeddings of all shapes in the image. "Is there a star?" is
     then a readout of any image token (the MLP compares the question's shape with the bag) instead of a content
     match over the nine tokens, which stage 2 learns only after hundreds of existence steps, if at all.
+    bag_basis: "words" writes the bag with the shapes' word embeddings, which puts 8 x E[star] into every token of an
+    image with a star and blurs the content match of "What color is the star?". "free" writes it with one fixed
+    random direction per shape, orthogonal to the embeddings of every word a cell is written with: the cells' words
+    stay the only word signal,
+    and existence reads a separate channel (the language model learns the word -> direction map).
     scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
     image tokens are swamped by the first layer's residual updates and the language model never reads them.
     """
@@ -86,6 +91,9 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     grid = int(round(feats.shape[1] ** 0.5))
     wid = lambda w: tok.convert_tokens_to_ids("▁" + w)  # noqa: E731
     target = torch.zeros(len(scenes), feats.shape[1], embed.shape[1])
+    cell_words = sorted({w for p in POSITIONS for w in p.split()} | {*SHAPES, *COLORS, *SIZES, "nothing"})
+    basis = (embed[[wid(s) for s in SHAPES]] if bag_basis == "words"
+             else free_directions(embed[[wid(w) for w in cell_words]], len(SHAPES)))
     for n, sc in enumerate(scenes):
         cells = {(o["row"], o["col"]): o for o in sc["objects"]}
         for p in range(feats.shape[1]):
@@ -93,11 +101,21 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
             o = cells.get((r, c))
             words = ([o["size"], o["color"], o["shape"]] if o else ["nothing"]) + POSITIONS[3 * r + c].split()
             target[n, p] = scale * embed[[wid(w) for w in words]].sum(0)
-        target[n] += scale * bag * embed[[wid(o["shape"]) for o in sc["objects"]]].sum(0)
+        target[n] += scale * bag * basis[[SHAPES.index(o["shape"]) for o in sc["objects"]]].sum(0)
     proj = model.model.multi_modal_projector
     norm = target.pow(2).sum(-1).mean()
     batch_loss = lambda idx: (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm  # noqa: E731
     return fit(proj.parameters(), batch_loss, len(scenes), rng, steps, batch_size, lr, weight_decay=0.0)
+
+
+def free_directions(embed, n, seed=0) -> torch.Tensor:
+    """(n, D): random directions orthogonal to every row of embed (needs D > rows + n), at the mean row norm."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(embed.T.double())  # (D, V): an orthonormal basis of the embeddings' span
+    x = torch.randn(n, embed.shape[1], generator=g, dtype=torch.float64)
+    x = x - (x @ q) @ q.T
+    x = x / x.norm(dim=1, keepdim=True) * embed.norm(dim=1).mean().double()
+    return x.to(embed.dtype)
 
 
 def fit(params, batch_loss, n, rng, steps, batch_size, lr, weight_decay):
