@@ -278,3 +278,15 @@ def test_theta0_sees_the_pixels_sena_sees(tmp_path):
         path = str(tmp_path / sc["image"])
         render(sc).save(path)
         assert torch.allclose(preprocess(load_image(path), cfg), ours[n], atol=1e-6)
+
+
+def test_free_bag_directions_are_orthogonal_to_the_cell_words():
+    from sena.world.encoder import free_directions
+
+    words = torch.randn(30, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    d = free_directions(words, 8)
+    assert d.shape == (8, 64)
+    assert (d @ words.T).abs().max() < 1e-6 * (d.norm() * words.norm())  # orthogonal to every word row
+    assert torch.allclose(d.norm(dim=1), words.norm(dim=1).mean().expand(8), rtol=1e-5)
+    assert torch.equal(d, free_directions(words, 8))  # fixed by its seed
+    assert torch.linalg.matrix_rank(d.double()) == 8  # one distinct direction per shape
