@@ -25,7 +25,7 @@ from evaluate import LOWER_IS_BETTER, summary  # noqa: E402
 
 ROWS = ["pope_adversarial_f1", "pope_adversarial_yes", "pope_popular_f1", "pope_random_f1", "chair_i", "chair_s",
         "chair_recall", "amber_f1_all", "amber_score", "vqa_overall", "vqa_color", "vqa_shape", "vqa_count",
-        "vqa_position"]
+        "vqa_position", "improve_before_correct", "improve_after_correct", "sq_answerable_checked"]
 
 
 def run(cmd, log, threads):
