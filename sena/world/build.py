@@ -35,10 +35,12 @@ from sena.world.tokenizer import build_tokenizer, save_tokenizer
 # θ0's shape: 72 px / 24 px patches -> 9 image tokens, one per grid cell (see build_theta0's docstring).
 MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
              text_kv_heads=6, text_intermediate=512, patch=24, tie=False)
-TRAIN = dict(steps=1400, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
+TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
              vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0, align_bag=0.5,
              bag_basis="words",
-             reading=(("color+shape+position+exist+count", 750),), freeze_embed=True)
+             reading=(("color+shape+position+exist+count", 750), ("exist", 300),
+                      ("color+shape+position+exist+count", 300)),
+             freeze_embed=True)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 

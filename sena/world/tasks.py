@@ -37,7 +37,7 @@ class Noise:
     # θ0's own descriptions are far worse than gold; the more often the prompt's description is wrong, the more the
     # rewrite must read the image instead of copying a colour from the description.
     improve_desc: tuple = (0.1, 0.5, 0.25, 0.15)
-    phantom_color: str = "random"  # the phantom's colour: "random", or "partner" (its present partner's)
+    phantom_color: str = "partner"  # the phantom's colour: "partner" (its present partner's), or "random"
     mix: tuple = (0.22, 0.40, 0.10, 0.10, 0.18)  # weights of KINDS
 
 
