@@ -38,6 +38,9 @@ MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192
 TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
              vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0, align_bag=0.5,
              bag_basis="words",
+             # Measured on 150 held-out scenes (README, "The embedded world"): VQA 61.5%. The existence phase does
+             # not teach existence (its loss stays at chance); an existence phase *first* does (POPE-adversarial
+             # accuracy 72%) but then colour is never learned (17%).
              reading=(("color+shape+position+exist+count", 750), ("exist", 300),
                       ("color+shape+position+exist+count", 300)),
              freeze_embed=True)
