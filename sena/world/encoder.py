@@ -82,8 +82,8 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     bag_basis: "words" writes the bag with the shapes' word embeddings, which puts 8 x E[star] into every token of an
     image with a star and blurs the content match of "What color is the star?". "free" writes it with one fixed
     random direction per shape, orthogonal to the embeddings of every word a cell is written with: the cells' words
-    stay the only word signal,
-    and existence reads a separate channel (the language model learns the word -> direction map).
+    stay the only word signal, and existence reads a separate channel (the language model learns the word ->
+    direction map).
     scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
     image tokens are swamped by the first layer's residual updates and the language model never reads them.
     """
