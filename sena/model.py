@@ -64,6 +64,7 @@ class ModelConfig:
     text: TextConfig
     image_token_index: int
     vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS (LLaVA-1.5); "full" keeps it
     projector_hidden_act: str = "gelu"
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -71,7 +72,8 @@ class ModelConfig:
 
     @property
     def n_image_tokens(self) -> int:
-        return (self.vision.image_size // self.vision.patch_size) ** 2
+        full = self.vision_feature_select_strategy == "full"  # CLS is an image token too
+        return (self.vision.image_size // self.vision.patch_size) ** 2 + full
 
     def to_hf_dict(self) -> dict:
         """A transformers LlavaConfig dict (what config.json holds)."""
@@ -86,7 +88,7 @@ class ModelConfig:
         return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
                     image_token_index=self.image_token_index, image_seq_length=self.n_image_tokens,
                     projector_hidden_act=self.projector_hidden_act, vision_feature_layer=self.vision_feature_layer,
-                    vision_feature_select_strategy="default", multimodal_projector_bias=True,
+                    vision_feature_select_strategy=self.vision_feature_select_strategy, multimodal_projector_bias=True,
                     tie_word_embeddings=t.tie_word_embeddings, pad_token_id=self.pad_token_id,
                     text_config=text, vision_config=vision)
 
@@ -96,8 +98,11 @@ class ModelConfig:
         vd = _VISION_DEFAULTS if d.get("vision_config") is None else _CLIP_DEFAULTS | d["vision_config"]
         td = _LLAMA_DEFAULTS | (d.get("text_config") or {})
         rope = td.get("rope_parameters") or td.get("rope_scaling") or {}  # 5.x name, then 4.x name
-        checks = {"vision_feature_select_strategy": (d.get("vision_feature_select_strategy", "default"), "default"),
-                  "multimodal_projector_bias": (d.get("multimodal_projector_bias", True), True),
+        strategy = d.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"unsupported LLaVA config: vision_feature_select_strategy={strategy!r} (this model "
+                             "implements 'default' and 'full')")
+        checks = {"multimodal_projector_bias": (d.get("multimodal_projector_bias", True), True),
                   "text model_type": (td.get("model_type", "llama"), "llama"),
                   "text hidden_act": (td.get("hidden_act", "silu"), "silu"),
                   "attention_bias": (td.get("attention_bias", False), False),
@@ -117,7 +122,7 @@ class ModelConfig:
         pick = lambda k, default: td[k] if td.get(k) is not None else d.get(k, default)  # noqa: E731
         return cls(VisionConfig(**{k: vd[k] for k in _CLIP_DEFAULTS}), text,
                    image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
-                   vision_feature_layer=d.get("vision_feature_layer", -2),
+                   vision_feature_layer=d.get("vision_feature_layer", -2), vision_feature_select_strategy=strategy,
                    projector_hidden_act=d.get("projector_hidden_act", "gelu"), pad_token_id=pick("pad_token_id", None),
                    bos_token_id=pick("bos_token_id", 1), eos_token_id=pick("eos_token_id", 2))
 
@@ -399,10 +404,11 @@ class Llava(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     def encode_images(self, pixel_values):
-        """(B, 3, H, W) -> (B, n_image_tokens, D_text): an inner CLIP layer, CLS dropped, then the projector."""
+        """(B, 3, H, W) -> (B, n_image_tokens, D_text): an inner CLIP layer (CLS dropped unless "full"), projected."""
         L, k = self.config.vision.num_hidden_layers, self.config.vision_feature_layer
         h = self.model.vision_tower(pixel_values, k if k >= 0 else L + 1 + k)  # (B, 1+N, Dv)
-        return self.model.multi_modal_projector(h[:, 1:])  # (B, N, D)
+        keep = 0 if self.config.vision_feature_select_strategy == "full" else 1
+        return self.model.multi_modal_projector(h[:, keep:])  # (B, N or 1+N, D)
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_features=None,
                       position_ids=None, cache=None, keep_from=0):

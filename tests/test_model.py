@@ -113,6 +113,30 @@ def test_our_save_their_load_untied_from_scratch(tmp_path):
     assert ModelConfig.from_hf_dict(json.loads((tmp_path / "config.json").read_text())) == config
 
 
+def test_full_feature_strategy_keeps_cls_like_transformers(tmp_path):
+    """vision_feature_select_strategy="full": CLS is an image token too (17 per image here), in both models."""
+    cfg = hf_config()
+    cfg.vision_feature_select_strategy = "full"
+    torch.manual_seed(0)
+    hf = randomize(LlavaForConditionalGeneration(cfg).eval(), seed=4)
+    hf.save_pretrained(tmp_path)
+    ours, _, _ = load_pretrained(tmp_path)
+    assert ours.config.n_image_tokens == 17 and ours.config.to_hf_dict()["image_seq_length"] == 17
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.full((2, 17), IMG),
+                     torch.randint(3, IMG, (2, 6), generator=g)], dim=1)
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels).logits
+        got = ours(ids, pixel_values=pixels)
+        default = ours.encode_images(pixels)  # the CLS row is the first one
+        ours.config.vision_feature_select_strategy = "default"
+        assert torch.equal(ours.encode_images(pixels), default[:, 1:])
+    assert ref.abs().max() > 1.0 and (ref - got).abs().max().item() <= TOL
+    save_pretrained(ours, tmp_path / "ours")  # (the config now says "default": written as such)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vision_feature_select_strategy"] == "default"
+
+
 def test_sharded_both_directions(tmp_path):
     hf = hf_model(seed=1)
     hf.save_pretrained(tmp_path / "ref", max_shard_size="100KB")
@@ -208,7 +232,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="linear_1.bias has shape"):
         load_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["vision_feature_select_strategy"] = "full"
+    cfg["vision_feature_select_strategy"] = "patch_only"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="vision_feature_select_strategy"):
         load_pretrained(tmp_path)

@@ -290,3 +290,36 @@ def test_free_bag_directions_are_orthogonal_to_the_cell_words():
     assert torch.allclose(d.norm(dim=1), words.norm(dim=1).mean().expand(8), rtol=1e-5)
     assert torch.equal(d, free_directions(words, 8))  # fixed by its seed
     assert torch.linalg.matrix_rank(d.double()) == 8  # one distinct direction per shape
+
+
+def test_align_targets_write_cell_words_and_the_bag_where_asked(tok):
+    """Stage 1b's targets on the hand scene, by hand: a cell's token = scale x the sum of its words' embeddings; the
+    bag (scale x bag x the present shapes' embeddings) goes into every token, or into the CLS token alone."""
+    from sena.world.encoder import align_targets
+
+    embed = torch.randn(len(tok), 16, generator=torch.Generator().manual_seed(0))
+    E = lambda *ws: embed[[tok.convert_tokens_to_ids("▁" + w) for w in ws]].sum(0)  # noqa: E731
+    bag = 0.5 * 2.0 * E("circle", "star", "square")
+    cells = {0: E("small", "red", "circle", "top", "left"), 4: E("large", "blue", "star", "center"),
+             8: E("small", "green", "square", "bottom", "right"), 1: E("nothing", "top")}
+    everywhere = align_targets([SCENE], embed, tok, 9, 0, 2.0, 0.5, "words", "all")[0]  # (9, 16)
+    cls = align_targets([SCENE], embed, tok, 10, 1, 2.0, 0.5, "words", "cls")[0]  # (10, 16)
+    for p, want in cells.items():
+        assert torch.allclose(everywhere[p], 2.0 * want + bag, atol=1e-5)
+        assert torch.allclose(cls[1 + p], 2.0 * want, atol=1e-5)  # no bag in the cells
+    assert torch.allclose(cls[0], bag, atol=1e-5)  # CLS: the bag alone
+    with pytest.raises(ValueError, match="full"):
+        align_targets([SCENE], embed, tok, 9, 0, 2.0, 0.5, "words", "cls")
+
+
+def test_memo_tokenizer_gives_the_tokenizers_ids_and_fresh_lists(tok):
+    from sena.chat import build_example
+    from sena.world.build import MemoTokenizer
+
+    memo = MemoTokenizer(tok)
+    for user, answer in [("What color is the star?", "red"), ("Describe the image.", describe(SCENE))] * 2:
+        assert build_example(memo, user, answer, 9, 5) == build_example(tok, user, answer, 9, 5)
+    ids = memo("a red star").input_ids
+    ids.append(-1)  # a caller extending its list must not change the cache
+    assert memo("a red star").input_ids == tok("a red star", add_special_tokens=False).input_ids
+    assert len(memo.cache) == 6  # system line, 2 prompt tails, 2 answers, "a red star": the repeats were hits

@@ -56,8 +56,12 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     heads = torch.nn.Linear(c.vision.hidden_size, sum(splits))
     present = presence(targets)  # (N, n_shapes)
 
+    full = c.vision_feature_select_strategy == "full"
+
     def batch_loss(idx):
-        *logits, bag = heads(tower(pixels(images[idx], image_cfg), layer)[:, 1:]).split(splits, dim=-1)  # (B, N, .)
+        out = heads(tower(pixels(images[idx], image_cfg), layer))  # (B, 1+N, sum(splits))
+        *logits, _ = out[:, 1:].split(splits, dim=-1)  # the cells' heads read the patches
+        bag = out[:, 0 if full else 1:, -splits[-1]:]  # the bag head: every token LLaVA reads (CLS too if "full")
         loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
                    for k, lg in enumerate(logits))
         return loss + F.binary_cross_entropy_with_logits(bag, present[idx][:, None].expand_as(bag))
@@ -66,7 +70,8 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     return fit(params, batch_loss, len(images), rng, steps, batch_size, lr, weight_decay=0.01)
 
 
-def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0, bag=0.0, bag_basis="words"):
+def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale=16.0, bag=0.0, bag_basis="words",
+                    bag_token="all"):
     """Stage 1b: the projector learns to write each cell's words into its image token.
 
     Target for the token of a cell: the sum of the (frozen, initial) input embeddings of its words, e.g.
@@ -84,28 +89,43 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     random direction per shape, orthogonal to the embeddings of every word a cell is written with: the cells' words
     stay the only word signal, and existence reads a separate channel (the language model learns the word ->
     direction map).
+    bag_token: "all" adds the bag to every cell's token; "cls" (needs vision_feature_select_strategy "full") writes
+    it into the CLS token alone, which then carries nothing else, and leaves the cells' tokens their own words only.
     scale: the targets are scale x the embedding sums, so an image token is ~10x larger than a text embedding: small
     image tokens are swamped by the first layer's residual updates and the language model never reads them.
     """
     embed = model.model.language_model.embed_tokens.weight.detach()
-    grid = int(round(feats.shape[1] ** 0.5))
+    cls = int(model.config.vision_feature_select_strategy == "full")  # feats[:, 0] is CLS when 1
+    target = align_targets(scenes, embed, tok, feats.shape[1], cls, scale, bag, bag_basis, bag_token)
+    proj = model.model.multi_modal_projector
+    norm = target.pow(2).sum(-1).mean()
+    batch_loss = lambda idx: (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm  # noqa: E731
+    return fit(proj.parameters(), batch_loss, len(scenes), rng, steps, batch_size, lr, weight_decay=0.0)
+
+
+def align_targets(scenes, embed, tok, n_tokens, cls, scale, bag, bag_basis, bag_token) -> torch.Tensor:
+    """(N, n_tokens, D): stage 1b's target per image token (align_projector's docstring); token 0 is CLS if cls."""
+    if bag_token == "cls" and not cls:
+        raise ValueError('bag_token="cls" needs vision_feature_select_strategy="full" (a CLS image token)')
+    grid = int(round((n_tokens - cls) ** 0.5))
     wid = lambda w: tok.convert_tokens_to_ids("▁" + w)  # noqa: E731
-    target = torch.zeros(len(scenes), feats.shape[1], embed.shape[1])
+    target = torch.zeros(len(scenes), n_tokens, embed.shape[1])
     cell_words = sorted({w for p in POSITIONS for w in p.split()} | {*SHAPES, *COLORS, *SIZES, "nothing"})
     basis = (embed[[wid(s) for s in SHAPES]] if bag_basis == "words"
              else free_directions(embed[[wid(w) for w in cell_words]], len(SHAPES)))
     for n, sc in enumerate(scenes):
         cells = {(o["row"], o["col"]): o for o in sc["objects"]}
-        for p in range(feats.shape[1]):
+        for p in range(grid * grid):
             r, c = p // grid * 3 // grid, p % grid * 3 // grid
             o = cells.get((r, c))
             words = ([o["size"], o["color"], o["shape"]] if o else ["nothing"]) + POSITIONS[3 * r + c].split()
-            target[n, p] = scale * embed[[wid(w) for w in words]].sum(0)
-        target[n] += scale * bag * basis[[SHAPES.index(o["shape"]) for o in sc["objects"]]].sum(0)
-    proj = model.model.multi_modal_projector
-    norm = target.pow(2).sum(-1).mean()
-    batch_loss = lambda idx: (proj(feats[idx]) - target[idx]).pow(2).sum(-1).mean() / norm  # noqa: E731
-    return fit(proj.parameters(), batch_loss, len(scenes), rng, steps, batch_size, lr, weight_decay=0.0)
+            target[n, cls + p] = scale * embed[[wid(w) for w in words]].sum(0)
+        bag_vec = scale * bag * basis[[SHAPES.index(o["shape"]) for o in sc["objects"]]].sum(0)
+        if bag_token == "cls":
+            target[n, 0] = bag_vec  # CLS carries the bag alone
+        else:
+            target[n] += bag_vec
+    return target
 
 
 def free_directions(embed, n, seed=0) -> torch.Tensor:
@@ -136,10 +156,12 @@ def fit(params, batch_loss, n, rng, steps, batch_size, lr, weight_decay):
 
 @torch.no_grad()
 def tower_features(model, images, image_cfg, chunk=256) -> torch.Tensor:
-    """(N, n_image_tokens, Dv): the frozen tower's features LLaVA reads (layer vision_feature_layer, CLS dropped)."""
+    """(N, n_image_tokens, Dv): the frozen tower's features LLaVA reads (layer vision_feature_layer, CLS dropped
+    unless the strategy is "full")."""
     c = model.config
     layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
-    return torch.cat([model.model.vision_tower(pixels(images[s: s + chunk], image_cfg), layer)[:, 1:]
+    keep = 0 if c.vision_feature_select_strategy == "full" else 1
+    return torch.cat([model.model.vision_tower(pixels(images[s: s + chunk], image_cfg), layer)[:, keep:]
                       for s in range(0, len(images), chunk)])
 
 
