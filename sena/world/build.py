@@ -33,7 +33,8 @@ from sena.world.scenes import COOC, sample_scenes
 from sena.world.tasks import Noise, reading_examples, sample_examples
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
-# θ0's shape: 72 px / 24 px patches -> 9 image tokens, one per grid cell (see build_theta0's docstring).
+# θ0's shape: 72 px / 24 px patches -> 9 patch tokens, one per grid cell, and CLS (select="full" keeps it as a 10th
+# image token, which carries the bag of shapes; see build_theta0's docstring).
 MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192, text_layers=4, text_heads=6,
              text_kv_heads=6, text_intermediate=512, patch=24, tie=False, select="full")
 TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
@@ -263,11 +264,11 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     """Train θ0 on the world mix and save it to run_dir/theta0 (skipped when a complete one is there).
 
     Stages: (1) the ViT learns per-cell labels with linear heads, then freezes; (1b) the projector learns to write
-    each cell's words (and the bag of the image's shapes) into its image token, then freezes; (2) the language model
-    (input embeddings frozen, a separate LM head) first reads the image through short answers of every VQA type
-    (TRAIN["reading"]), then learns the instruction mix, several examples of one image packed
-    per row behind one shared prefix.
-    Sizes: 72 px images with 24 px patches give 9 image tokens (one per cell); a 4-layer, 192-wide Llama and a
+    each cell's words into its image token (and the bag of the image's shapes into CLS's), then freezes; (2) the
+    language model (input embeddings frozen, a separate LM head) first reads the image through short answers
+    (TRAIN["reading"]), then learns the instruction mix, several examples of one image packed per row behind one
+    shared prefix.
+    Sizes: 72 px images with 24 px patches give 9 patch tokens (one per cell) + CLS; a 4-layer, 192-wide Llama and a
     3-layer, 256-wide ViT (~4.8M parameters, ~0.8M of it the ViT's last layer, which LLaVA never reads).
     train_over: any key of TRAIN (steps, batch_size = images per step, per_image = examples per image, ...).
     Returns the path of the saved directory.

@@ -46,8 +46,9 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     trained jointly with a blank tower learns the caption prior long before it learns to look (its image tokens
     drift to a large constant and stop carrying content). So the tower is pretrained here and frozen afterwards.
     Loss: sum over (shape, colour, size) of the mean per-patch cross-entropy of linear heads on the features LLaVA
-    reads (hidden states of layer vision_feature_layer, CLS dropped), plus the mean binary cross-entropy of a head
-    that says from every patch which shapes are anywhere in the image (global context, as CLIP's patches carry).
+    reads (hidden states of layer vision_feature_layer, the patches), plus the mean binary cross-entropy of a head
+    that says from every token LLaVA reads (CLS too under "full") which shapes are anywhere in the image (global
+    context, as CLIP's patches carry).
     Labels are world labels, as everywhere in the θ0 build.
     """
     tower, c = model.model.vision_tower, model.config
@@ -80,10 +81,11 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     with, instead of discovering an image code first (the input embeddings stay frozen at init in stage 2, so this
     basis holds). Loss: squared error relative to the targets' mean squared norm,
         L = mean_{b,p} |proj(f_bp) - t_bp|^2 / mean_{b,p} |t_bp|^2.
-    feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS dropped).
-    bag: every token also carries bag x the sum of the embeddings of all shapes in the image. "Is there a star?" is
-    then a readout of any image token (the MLP compares the question's shape with the bag) instead of a content
-    match over the nine tokens, which stage 2 learns only after hundreds of existence steps, if at all.
+    feats: (N, n_image_tokens, Dv) frozen tower outputs (CLS first if the strategy is "full").
+    bag: every token (or CLS alone, bag_token) also carries bag x the sum of the embeddings of all shapes in the
+    image. "Is there a star?" is then a readout of one image token (the MLP compares the question's shape with the
+    bag) instead of a content match over the nine cells, which stage 2 learns only after hundreds of existence steps,
+    if at all.
     bag_basis: "words" writes the bag with the shapes' word embeddings, which puts 8 x E[star] into every token of an
     image with a star and blurs the content match of "What color is the star?". "free" writes it with one fixed
     random direction per shape, orthogonal to the embeddings of every word a cell is written with: the cells' words
