@@ -10,7 +10,8 @@ Stages (../shared/SENA.md, "One round"), each batched over all images:
   2. a description prompt drawn per image (seeded);
   3. answers on the clean image (chosen candidates): type des (description) and gen (question), greedy;
   4. the same prompts on a diffusion-noised copy of the image (rejected), noise seeded per (image, round);
-  5. self-enhancement: every clean answer is rewritten given the description (--no-enhance keeps the raw one);
+  5. self-enhancement: every clean answer is rewritten given the description (--no-enhance keeps the raw one;
+     --enhance-types gen rewrites only the short answers, a departure from the paper measured on the world);
   6. the pair filters, each counted.
 Writes pairs.jsonl (one pair a line; `prompt`/`chosen`/`rejected`/`images` are the fields TRL's preference datasets
 read) and report.json (counts per stage and filter, rewrite and acceptance rates, mean lengths). Reads images only.
@@ -55,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--self-check", choices=["image", "text", "off"], default="image",
                    help="self-check turn with the image (paper), text-only (released code) or skipped (ablation)")
     p.add_argument("--no-enhance", action="store_true", help="ablation: chosen = the raw clean answer (no SE)")
+    p.add_argument("--enhance-types", choices=["des,gen", "gen"], default="des,gen",
+                   help="answers that self-enhancement rewrites (paper: both; gen: descriptions stay raw)")
     p.add_argument("--noise-step", type=int, default=600, help="diffusion step t of the rejected image (of 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per answer, in tokens")
@@ -218,10 +221,10 @@ def run_shard(args, paths, root, out):
     des_noised = run_prompts(model, tok, nf, des_users, args, "des_noised", kept)
     gen_noised = run_prompts(model, tok, nf, gen_users, args, "gen_noised", kept)
 
-    if args.no_enhance:
-        des_se = gen_se = [None] * len(keep)
-    else:
+    des_se = gen_se = [None] * len(keep)
+    if not args.no_enhance and "des" in args.enhance_types:
         des_se = enhance(model, tok, cf, des_clean, des_users, des_clean, args, "enhance_des", kept)
+    if not args.no_enhance:
         gen_se = enhance(model, tok, cf, des_clean, gen_users, gen_clean, args, "enhance_gen", kept)
     counts["se_accepted_des"] = sum(s is not None for s in des_se)
     counts["se_accepted_gen"] = sum(s is not None for s in gen_se)
@@ -280,7 +283,8 @@ def main(argv=None):
             filtered[reason] += 1
     n_q = max(counts["questions_kept"], 1)
     report = {"round": args.round, "model": args.model, **counts, "image_root": os.path.abspath(root),
-              "se_accept_rate_des": None if args.no_enhance else counts["se_accepted_des"] / n_q,
+              "se_accept_rate_des": None if args.no_enhance or "des" not in args.enhance_types
+              else counts["se_accepted_des"] / n_q,
               "se_accept_rate_gen": None if args.no_enhance else counts["se_accepted_gen"] / n_q,
               "filtered": filtered, "pairs": len(kept),
               "pairs_des": sum(p["type"] == "des" for p in kept), "pairs_gen": sum(p["type"] == "gen" for p in kept),

@@ -58,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--self-check", choices=["image", "text"], default="image",
                    help="self-check turn with the image (paper) or text-only (released code)")
     p.add_argument("--noise-step", type=int, default=600, help="diffusion step t of the rejected image (of 1000)")
+    p.add_argument("--enhance-types", choices=["des,gen", "gen"], default="des,gen",
+                   help="answers self-enhancement rewrites (paper: both; gen: descriptions stay raw, README)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β")
     p.add_argument("--ica-weight", type=float, default=1.0, help="λ, the weight of the image-content alignment NLL")
     p.add_argument("--ica-reduction", choices=["batch", "des"], default="batch",
@@ -134,6 +136,7 @@ def prepare_data(args, k, prev, round_dir, world):
                             ["--image-root", args.image_root] if args.image_root else [])
         if not enhance:
             gen_args.append("--no-enhance")
+        gen_args += ["--enhance-types", args.enhance_types]
         generate.main(gen_args)
     with open(os.path.join(round_dir, "report.json")) as f:
         image_root = json.load(f)["image_root"]

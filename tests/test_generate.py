@@ -46,3 +46,16 @@ def test_generate_reads_only_images_and_skips_bad_ones(tmp_path, monkeypatch, ca
     assert "broken.png" in capsys.readouterr().err
     assert not any(p.endswith((".jsonl",)) and "labels" in p for p in opened)
     assert not any(p.endswith("labels.jsonl") for p in opened)
+
+
+def test_enhance_types_gen_leaves_descriptions_raw(tmp_path):
+    """--enhance-types gen: the description rewrite stage never runs, des pairs keep the raw clean answer."""
+    report = run(tmp_path, "g", ["--enhance-types", "gen"])
+    stages = sorted(os.listdir(tmp_path / "g" / "stages"))
+    assert any("enhance_gen" in s for s in stages) and not any("enhance_des" in s for s in stages), stages
+    pairs = [json.loads(line) for line in open(tmp_path / "g" / "pairs.jsonl")]  # (the tiny model's des pairs are
+    assert all(p["chosen"] == p["chosen_raw"] for p in pairs if p["type"] == "des")  # often all filtered)
+    assert report["se_accepted_des"] == 0 and json.load(open(tmp_path / "g" / "report.json"))[
+        "se_accept_rate_des"] is None
+    run(tmp_path, "b")
+    assert any("enhance_des" in s for s in os.listdir(tmp_path / "b" / "stages"))  # the default does run it
