@@ -71,9 +71,13 @@ class ModelConfig:
     eos_token_id: int | None = 2
 
     @property
+    def first_image_feature(self) -> int:
+        """Index of the first vision hidden state LLaVA reads: 1 drops CLS ("default"), 0 keeps it ("full")."""
+        return 0 if self.vision_feature_select_strategy == "full" else 1
+
+    @property
     def n_image_tokens(self) -> int:
-        full = self.vision_feature_select_strategy == "full"  # CLS is an image token too
-        return (self.vision.image_size // self.vision.patch_size) ** 2 + full
+        return (self.vision.image_size // self.vision.patch_size) ** 2 + 1 - self.first_image_feature
 
     def to_hf_dict(self) -> dict:
         """A transformers LlavaConfig dict (what config.json holds)."""
@@ -403,12 +407,15 @@ class Llava(nn.Module):
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
-    def encode_images(self, pixel_values):
-        """(B, 3, H, W) -> (B, n_image_tokens, D_text): an inner CLIP layer (CLS dropped unless "full"), projected."""
+    def vision_hidden(self, pixel_values):
+        """(B, 3, H, W) -> (B, 1+N, Dv): hidden states of CLIP layer vision_feature_layer, CLS first."""
         L, k = self.config.vision.num_hidden_layers, self.config.vision_feature_layer
-        h = self.model.vision_tower(pixel_values, k if k >= 0 else L + 1 + k)  # (B, 1+N, Dv)
-        keep = 0 if self.config.vision_feature_select_strategy == "full" else 1
-        return self.model.multi_modal_projector(h[:, keep:])  # (B, N or 1+N, D)
+        return self.model.vision_tower(pixel_values, k if k >= 0 else L + 1 + k)
+
+    def encode_images(self, pixel_values):
+        """(B, 3, H, W) -> (B, n_image_tokens, D_text): vision_hidden (CLS dropped unless "full"), projected."""
+        h = self.vision_hidden(pixel_values)[:, self.config.first_image_feature:]  # (B, N or 1+N, Dv)
+        return self.model.multi_modal_projector(h)
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_features=None,
                       position_ids=None, cache=None, keep_from=0):

@@ -51,23 +51,20 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     context, as CLIP's patches carry).
     Labels are world labels, as everywhere in the θ0 build.
     """
-    tower, c = model.model.vision_tower, model.config
-    layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
+    c = model.config
     splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, len(SHAPES)]
     heads = torch.nn.Linear(c.vision.hidden_size, sum(splits))
     present = presence(targets)  # (N, n_shapes)
 
-    full = c.vision_feature_select_strategy == "full"
-
     def batch_loss(idx):
-        out = heads(tower(pixels(images[idx], image_cfg), layer))  # (B, 1+N, sum(splits))
+        out = heads(model.vision_hidden(pixels(images[idx], image_cfg)))  # (B, 1+N, sum(splits))
         *logits, _ = out[:, 1:].split(splits, dim=-1)  # the cells' heads read the patches
-        bag = out[:, 0 if full else 1:, -splits[-1]:]  # the bag head: every token LLaVA reads (CLS too if "full")
+        bag = out[:, c.first_image_feature:, -splits[-1]:]  # the bag head: every token LLaVA reads (CLS if "full")
         loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
                    for k, lg in enumerate(logits))
         return loss + F.binary_cross_entropy_with_logits(bag, present[idx][:, None].expand_as(bag))
 
-    params = list(tower.parameters()) + list(heads.parameters())
+    params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     return fit(params, batch_loss, len(images), rng, steps, batch_size, lr, weight_decay=0.01)
 
 
@@ -97,7 +94,7 @@ def align_projector(model, feats, scenes, tok, rng, steps, batch_size, lr, scale
     image tokens are swamped by the first layer's residual updates and the language model never reads them.
     """
     embed = model.model.language_model.embed_tokens.weight.detach()
-    cls = int(model.config.vision_feature_select_strategy == "full")  # feats[:, 0] is CLS when 1
+    cls = 1 - model.config.first_image_feature  # feats[:, 0] is CLS when 1
     target = align_targets(scenes, embed, tok, feats.shape[1], cls, scale, bag, bag_basis, bag_token)
     proj = model.model.multi_modal_projector
     norm = target.pow(2).sum(-1).mean()
@@ -160,10 +157,8 @@ def fit(params, batch_loss, n, rng, steps, batch_size, lr, weight_decay):
 def tower_features(model, images, image_cfg, chunk=256) -> torch.Tensor:
     """(N, n_image_tokens, Dv): the frozen tower's features LLaVA reads (layer vision_feature_layer, CLS dropped
     unless the strategy is "full")."""
-    c = model.config
-    layer = c.vision_feature_layer % (c.vision.num_hidden_layers + 1)
-    keep = 0 if c.vision_feature_select_strategy == "full" else 1
-    return torch.cat([model.model.vision_tower(pixels(images[s: s + chunk], image_cfg), layer)[:, keep:]
+    first = model.config.first_image_feature
+    return torch.cat([model.vision_hidden(pixels(images[s: s + chunk], image_cfg))[:, first:]
                       for s in range(0, len(images), chunk)])
 
 
