@@ -175,6 +175,11 @@ COUNTS = ("images", "images_unreadable", "questions_raw", "self_check_dropped", 
           "questions_name_dropped", "questions_kept", "se_accepted_des", "se_accepted_gen", "candidate_pairs")
 
 
+def enhanced(args) -> tuple:
+    """The answer types self-enhancement rewrites: none under --no-enhance, else --enhance-types."""
+    return () if args.no_enhance else tuple(args.enhance_types.split(","))
+
+
 def run_shard(args, paths, root, out):
     """Every stage on one list of images; stage files go to out/stages. Returns (pairs, counts)."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -222,9 +227,9 @@ def run_shard(args, paths, root, out):
     gen_noised = run_prompts(model, tok, nf, gen_users, args, "gen_noised", kept)
 
     des_se = gen_se = [None] * len(keep)
-    if not args.no_enhance and "des" in args.enhance_types:
+    if "des" in enhanced(args):
         des_se = enhance(model, tok, cf, des_clean, des_users, des_clean, args, "enhance_des", kept)
-    if not args.no_enhance:
+    if "gen" in enhanced(args):
         gen_se = enhance(model, tok, cf, des_clean, gen_users, gen_clean, args, "enhance_gen", kept)
     counts["se_accepted_des"] = sum(s is not None for s in des_se)
     counts["se_accepted_gen"] = sum(s is not None for s in gen_se)
@@ -283,9 +288,8 @@ def main(argv=None):
             filtered[reason] += 1
     n_q = max(counts["questions_kept"], 1)
     report = {"round": args.round, "model": args.model, **counts, "image_root": os.path.abspath(root),
-              "se_accept_rate_des": None if args.no_enhance or "des" not in args.enhance_types
-              else counts["se_accepted_des"] / n_q,
-              "se_accept_rate_gen": None if args.no_enhance else counts["se_accepted_gen"] / n_q,
+              "se_accept_rate_des": counts["se_accepted_des"] / n_q if "des" in enhanced(args) else None,
+              "se_accept_rate_gen": counts["se_accepted_gen"] / n_q if "gen" in enhanced(args) else None,
               "filtered": filtered, "pairs": len(kept),
               "pairs_des": sum(p["type"] == "des" for p in kept), "pairs_gen": sum(p["type"] == "gen" for p in kept),
               "mean_words_chosen": sum(len(p["chosen"].split()) for p in kept) / max(len(kept), 1),
