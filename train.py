@@ -173,13 +173,18 @@ def pair_loss(model, chunk, idx, ref, tok, image_root, image_cfg, args, check):
     return loss, {k: v.item() for k, v in stats.items()}, int(batch["attention_mask"].sum())
 
 
+def weight_dtype(args):
+    """Precision in three lines: fp32 everywhere on CPU; on CUDA the frozen base is bf16 (full FT: fp32 master
+    weights), the trainable weights stay fp32, and the forward runs under bf16 autocast (pair_loss). The reference
+    is scored with the same weights dtype, so that at step 0 policy and reference are the same numbers (DPO = ln 2)."""
+    return torch.bfloat16 if args.device.startswith("cuda") and not args.full_ft else torch.float32
+
+
 def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     """DPO + λ·ICA from θ(k-1); returns the trained (merged) model, tokenizer and image config."""
     dev = args.device
     rank, nproc = dist.rank(), dist.size()
-    # Precision in three lines: fp32 everywhere on CPU; on CUDA the frozen base is bf16 (full FT: fp32 master
-    # weights), the trainable weights stay fp32, and the forward runs under bf16 autocast (pair_loss).
-    base_dtype = torch.bfloat16 if dev.startswith("cuda") and not args.full_ft else torch.float32
+    base_dtype = weight_dtype(args)
     # Full fine-tuning under torchrun shards the model with FSDP (sena/dist.py): each rank loads it on the CPU and
     # keeps only its 1/N shard on the device; LoRA replicates the model and averages the adapter gradients.
     fsdp = args.full_ft and nproc > 1
@@ -297,7 +302,9 @@ def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
     os.makedirs(path)
     save_file({n: v.contiguous() for n, v in weights.items()}, os.path.join(path, "trainable.safetensors"))
     state = {f"{i}.{k}": v.contiguous() for i, st in moments.items() for k, v in st.items()}
-    state["torch_rng"] = torch.get_rng_state()  # LoRA dropout draws from it
+    state["torch_rng"] = torch.get_rng_state()  # LoRA dropout draws from it (on CUDA, from the device's generator;
+    if torch.cuda.is_available():                # every rank seeds and draws alike, so rank 0's state is everyone's)
+        state["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(state, os.path.join(path, "optimizer.safetensors"))
     atomic_write_text(os.path.join(ckpt_dir, "latest.json"),
                       json.dumps({"dir": name, "step": step, "bad_steps": bad_steps}))
@@ -314,6 +321,9 @@ def load_checkpoint(ckpt_dir, model, opt):
     path = os.path.join(ckpt_dir, state["dir"])
     flat = load_file(os.path.join(path, "optimizer.safetensors"))
     torch.set_rng_state(flat.pop("torch_rng"))
+    cuda_rng = flat.pop("cuda_rng", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     moments = {}
     for key, v in flat.items():
         i, name = key.split(".", 1)
@@ -358,8 +368,7 @@ def run_round(args, k, world):
     key = cache_key(pairs_path, prev)
     if dist.rank() == 0 and not os.path.exists(ref_path):
         cuda = args.device.startswith("cuda")
-        ref_model, tok, image_cfg = load_pretrained(prev, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                    device=args.device)
+        ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(args), device=args.device)
         ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, args.micro_batch_size, args.device,
                           torch.bfloat16 if cuda else None)
         save_reference(ref_path, ref, key)
