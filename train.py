@@ -61,6 +61,8 @@ def parse_args(argv):
     p.add_argument("--enhance-types", choices=["des,gen", "gen"], default="des,gen",
                    help="answers self-enhancement rewrites (paper: both; gen: descriptions stay raw, README)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β")
+    p.add_argument("--dpop", type=float, default=0.0,
+                   help="ours, not SENA's: DPO-Positive μ, penalising a chosen log-prob below the reference (0 = DPO)")
     p.add_argument("--ica-weight", type=float, default=1.0, help="λ, the weight of the image-content alignment NLL")
     p.add_argument("--ica-reduction", choices=["batch", "des"], default="batch",
                    help="average the ICA term over the whole batch (official) or over des pairs only")
@@ -160,7 +162,7 @@ def pair_loss(model, chunk, idx, ref, tok, image_root, image_cfg, args, check):
         if check:
             check_reference(model, batch, feats, refs, cuda)
         pc, pr, pc_mean, _ = pair_logps(model, batch, feats)
-    losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], args.beta)
+    losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], args.beta, args.dpop)
     ica = ica_loss(pc_mean, is_des)
     # The visible reduction choice: official = mean over the whole batch, switch = mean over des pairs only.
     ica = ica.sum() / (len(chunk) if args.ica_reduction == "batch" else is_des.sum().clamp(min=1))

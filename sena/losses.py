@@ -55,22 +55,27 @@ def sequence_logps(logits, labels):
     return summed, summed / n_tokens
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, dpop=0.0):
     """Per-example DPO loss (Rafailov et al. 2023, arXiv 2305.18290) and detached implicit rewards.
 
-        h_b      = (π_c − π_r) − (ref_c − ref_r)           (summed sequence log-probs)
+        h_b      = (π_c − π_r) − (ref_c − ref_r) − μ·max(0, ref_c − π_c)     (summed sequence log-probs)
         loss_b   = −log σ(β·h_b)                            (computed as −logsigmoid for stability)
         reward_b = β·(π − ref)                              (chosen and rejected; no gradient)
 
-    Gradients: ∂loss/∂π_c = −β·σ(−β·h), ∂loss/∂π_r = +β·σ(−β·h); none flows into the reference inputs.
-    With the policy equal to the reference, h = 0 and the loss is exactly ln 2.
+    μ = dpop (default 0: plain DPO, SENA's loss). μ > 0 is DPO-Positive (Pal et al. 2024, arXiv 2402.13228, who use
+    μ = 50): DPO can raise the margin while lowering the chosen answer's own likelihood, most easily when chosen and
+    rejected differ in a few tokens (our clean vs noised descriptions); the penalty makes that a loss.
+    Gradients: ∂loss/∂π_c = −β·σ(−β·h)·(1 + μ·[π_c < ref_c]), ∂loss/∂π_r = +β·σ(−β·h); none flows into the
+    reference inputs. With the policy equal to the reference, h = 0 and the loss is exactly ln 2 (for any μ).
 
-    All four log-prob arguments: (B,) float. beta: python float.
+    All four log-prob arguments: (B,) float. beta, dpop: python floats.
     returns: (losses (B,), chosen_rewards (B,), rejected_rewards (B,)). Caller reduces, e.g. losses.mean().
     """
     ref_chosen_logps = ref_chosen_logps.detach()
     ref_rejected_logps = ref_rejected_logps.detach()
     h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if dpop:
+        h = h - dpop * (ref_chosen_logps - policy_chosen_logps).clamp(min=0)
     losses = -F.logsigmoid(beta * h)
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()

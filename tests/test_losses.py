@@ -203,3 +203,24 @@ def test_ica_accepts_float_mask_and_ignores_inf_on_gen_pairs():
     assert torch.equal(ica, torch.tensor([0.0, 1.5]))
     ica.sum().backward()
     assert torch.equal(mean_logps.grad, torch.tensor([0.0, -1.0]))
+
+
+def test_dpop_hand_values_and_gradient():
+    # DPO-Positive, μ = 2, the inputs above. Pair 0: π_c = -10 ≥ ref_c = -11, no penalty: plain DPO's loss and
+    # gradient. Pair 1: π_c = -5 < ref_c = -4, penalty 2·1: h = -2 - 2 = -4, βh = -0.4,
+    # loss = log(1 + e^0.4) = 0.9130152523999526; ∂L/∂π_c = -β·σ(0.4)·(1 + μ) = -0.1796062980337356,
+    # ∂L/∂π_r = +β·σ(0.4) = 0.05986876601124521.
+    pc, pr, rc, rr = _dpo_inputs()
+    losses, chosen_r, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, dpop=2.0)
+    torch.testing.assert_close(losses, torch.tensor([0.5543552444685271, 0.9130152523999526], dtype=f64),
+                               rtol=0, atol=1e-14)
+    torch.testing.assert_close(chosen_r, torch.tensor([0.1, -0.1], dtype=f64), rtol=0, atol=1e-14)  # rewards as DPO
+    losses.sum().backward()
+    torch.testing.assert_close(pc.grad, torch.tensor([-0.0425557483188341, -0.1796062980337356], dtype=f64),
+                               rtol=0, atol=1e-15)
+    torch.testing.assert_close(pr.grad, torch.tensor([0.0425557483188341, 0.05986876601124521], dtype=f64),
+                               rtol=0, atol=1e-15)
+    # At the reference the penalty is 0: still exactly ln 2.
+    logps = torch.tensor([-3.25, -17.5], dtype=f64)
+    same, _, _ = dpo_loss(logps, logps - 1, logps.clone(), logps - 1, beta=0.1, dpop=50.0)
+    assert torch.equal(same, torch.full((2,), math.log(2), dtype=f64))
