@@ -367,9 +367,9 @@ def run_round(args, k, world):
 
     # Reference log-probs: once per round, keyed by the pairs' and the reference weights' hashes.
     ref_path = os.path.join(round_dir, "ref_logps.safetensors")
-    key = cache_key(pairs_path, prev)
+    cuda = args.device.startswith("cuda")
+    key = cache_key(pairs_path, prev, str(weight_dtype(args)).removeprefix("torch.") + ("+autocast" if cuda else ""))
     if dist.rank() == 0 and not os.path.exists(ref_path):
-        cuda = args.device.startswith("cuda")
         ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(args), device=args.device)
         ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, args.micro_batch_size, args.device,
                           torch.bfloat16 if cuda else None)

@@ -15,8 +15,11 @@ from sena.io import sha256_file, sha256_weights
 FIELDS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_mean_logps", "ref_rejected_mean_logps")
 
 
-def cache_key(pairs_path, ref_model_dir):
-    return f"pairs:{sha256_file(pairs_path)}|ref:{sha256_weights(ref_model_dir)}"
+def cache_key(pairs_path, ref_model_dir, precision="float32"):
+    """What the cached log-probs are a function of: the pairs, the reference weights, and the precision they were
+    scored in (train.py: "float32" on CPU, "<weights dtype>+autocast" on CUDA), so that a cache scored in bf16 for a
+    LoRA run is not reused by a --full-ft run, whose step 0 would then not be ln 2."""
+    return f"pairs:{sha256_file(pairs_path)}|ref:{sha256_weights(ref_model_dir)}|precision:{precision}"
 
 
 @torch.no_grad()

@@ -76,6 +76,9 @@ def test_mismatched_reference_cache_is_refused(setup):
     from sena.refcache import save_reference
     save_reference(str(run / "iter_1" / "ref_logps.safetensors"),
                    score_pairs(model, tok, image_cfg, rows, imgs), cache_key(str(pairs_path), base))
+    with pytest.raises(ValueError, match="reference cache key does not match"):  # scored in another precision
+        load_reference(str(run / "iter_1" / "ref_logps.safetensors"),
+                       cache_key(str(pairs_path), base, "bfloat16+autocast"))
     with open(pairs_path, "a") as f:  # the pairs change after the cache was written
         f.write(json.dumps(rows[0]) + "\n")
     with pytest.raises(ValueError, match="reference cache key does not match"):
