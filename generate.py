@@ -34,7 +34,7 @@ from sena.generation import generate
 from sena.image import load_image, preprocess
 from sena.io import atomic_write_text, list_images
 from sena.model import load_pretrained
-from sena.noise import add_diffusion_noise, noise_generator
+from sena.noise import noised_image
 from sena.pairs import FILTERS, extract_questions, mentions_name, pair_filter, parse_improved
 
 
@@ -201,7 +201,7 @@ def run_shard(args, paths, root, out):
         names.append(name)
         clean.append(x)
         # Noise goes on the normalized, padded tensor, as in the released code; seeded per (image, round).
-        noised.append(add_diffusion_noise(x, args.noise_step, generator=noise_generator(args.seed, name, args.round)))
+        noised.append(noised_image(x, args.noise_step, args.seed, name, args.round))
     counts["images"] = len(names)
     if not names:
         return [], counts

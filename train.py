@@ -35,6 +35,7 @@ from sena.lora import apply_lora, lora_disabled, merge_lora
 from sena.losses import dpo_loss, ica_loss
 from sena.model import load_pretrained, save_pretrained
 from sena.refcache import cache_key, load_reference, save_reference, score_pairs
+from sena.telemetry import image_reliance, reference_preference, summary_line
 
 ABLATIONS = {  # name -> (self-check, self-enhancement, ICA)
     "none": ("image", True, True), "no-sq": ("off", True, True), "no-se": ("image", False, True),
@@ -84,6 +85,8 @@ def parse_args(argv):
                    help="comma-separated language-model Linear names to adapt")
     p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--reliance-pairs", type=int, default=256,
+                   help="pairs scored again on their noised image for the image-reliance telemetry (0: off)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluate.py after each round")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; use 1 per process when runs share the cores)")
@@ -374,6 +377,7 @@ def run_round(args, k, world):
         ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, args.micro_batch_size, args.device,
                           torch.bfloat16 if cuda else None)
         save_reference(ref_path, ref, key)
+        round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_root, ref)
         del ref_model
     dist.barrier()
     ref = load_reference(ref_path, key)
@@ -397,6 +401,25 @@ def run_round(args, k, world):
     shutil.rmtree(os.path.join(round_dir, "checkpoint"), ignore_errors=True)  # the round is done; θ(k) is saved
     dist.barrier()
     return out_model
+
+
+def round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_root, ref):
+    """iter_k/telemetry.json (sena.telemetry): how often θ(k-1) already prefers chosen, and how much its chosen and
+    rejected answers lean on the image, on --reliance-pairs pairs scored again on generate.py's noised image
+    (the same noise only if the pairs came from this run's generate.py: same --seed and --noise-step)."""
+    types = [p["type"] for p in pairs]
+    tele = {"reference_prefers_chosen": reference_preference(ref, types)}
+    if args.reliance_pairs:
+        n = min(len(pairs), args.reliance_pairs)
+        idx = sorted(random.Random(args.seed * 1000 + k).sample(range(len(pairs)), n))
+        sub = [pairs[i] for i in idx]
+        noised = score_pairs(ref_model, tok, image_cfg, sub, image_root, args.micro_batch_size, args.device,
+                             torch.bfloat16 if args.device.startswith("cuda") else None,
+                             noise=(args.noise_step, args.seed, k))
+        tele["image_reliance"] = image_reliance({f: v[idx] for f, v in ref.items()}, noised, [types[i] for i in idx])
+        tele["image_reliance_noise_step"] = args.noise_step
+    atomic_write_text(os.path.join(round_dir, "telemetry.json"), json.dumps(tele, indent=2))
+    say(summary_line(tele))
 
 
 def world_pool(world, run_dir, k, n, seed):

@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from sena.chat import IGNORE_INDEX, encode_answer, encode_prompt
 from sena.image import load_image, preprocess
 from sena.losses import gather_logps, sequence_logps
+from sena.noise import noised_image
 
 LOGITS_PER_CHUNK = 2**24  # fp32 logits materialised at once by answer_logps (64 MB; 523 rows of a 32064 vocab)
 
@@ -136,18 +137,25 @@ def load_pixels(pairs, image_root, image_cfg):
     return torch.stack([preprocess(load_image(os.path.join(image_root, p["image"])), image_cfg) for p in pairs])
 
 
-def pair_features(model, pairs, image_root, image_cfg, cache=None):
+def pair_features(model, pairs, image_root, image_cfg, cache=None, noise=None):
     """(B, n_tok, D) image features of the pairs, each distinct image read and encoded once.
 
     The pairs of one image (its des and gen pair) share the features. cache: optional dict image name -> (n_tok, D)
     kept by the caller across calls; valid while the vision tower and projector are frozen (LoRA on the LLM).
+    noise: optional (t, seed, round): encode each image noised exactly as generate.py noised it for the rejected
+    answer (same step and per-image generator), for the image-reliance telemetry. Not with a cache.
     """
+    assert noise is None or cache is None, "noised features must not share a cache with clean ones"
     names = [p["image"] for p in pairs]
     todo = [n for n in dict.fromkeys(names) if cache is None or n not in cache]
     new = {}
     if todo:
         w = model.model.vision_tower.embeddings.patch_embedding.weight
-        pixels = torch.stack([preprocess(load_image(os.path.join(image_root, n)), image_cfg) for n in todo])
+        pixels = [preprocess(load_image(os.path.join(image_root, n)), image_cfg) for n in todo]
+        if noise is not None:
+            t, seed, rnd = noise
+            pixels = [noised_image(x, t, seed, n, rnd) for x, n in zip(pixels, todo)]
+        pixels = torch.stack(pixels)
         new = dict(zip(todo, model.encode_images(pixels.to(w.device, w.dtype))))
         if cache is not None:
             cache.update(new)

@@ -67,3 +67,9 @@ def noise_seed(seed, image_key, round):
 def noise_generator(seed, image_key, round, device="cpu"):
     """A torch.Generator seeded with noise_seed(seed, image_key, round): pass it to add_diffusion_noise."""
     return torch.Generator(device=device).manual_seed(noise_seed(seed, image_key, round))
+
+
+def noised_image(x0, t, seed, image_key, round):
+    """The rejected answer's image: x0 noised to step t with the (seed, image, round) generator. generate.py makes
+    the pairs with it and the image-reliance telemetry re-makes the same image with it."""
+    return add_diffusion_noise(x0, t, generator=noise_generator(seed, image_key, round))

@@ -23,11 +23,13 @@ def cache_key(pairs_path, ref_model_dir, precision="float32"):
 
 
 @torch.no_grad()
-def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device="cpu", autocast_dtype=None):
+def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device="cpu", autocast_dtype=None,
+                noise=None):
     """Summed and mean log-probs of every pair's chosen and rejected answer under `model`: dict of (N,) fp32.
 
     One shared-prefix forward per pair (sena.batch.pair_logps); the pairs of one image sit next to each other in
-    pairs.jsonl, so a batch encodes each of its images once (pair_features).
+    pairs.jsonl, so a batch encodes each of its images once (pair_features). noise: (t, seed, round) scores the
+    answers given the noised image instead (pair_features), for sena.telemetry.
     """
     model.eval()
     out = {f: [] for f in FIELDS}
@@ -36,7 +38,7 @@ def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device=
         batch = {k: v.to(device) for k, v in pair_batch([tokenize_pair(tok, model.config, p) for p in chunk],
                                                          tok.pad_token_id).items()}
         with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            values = pair_logps(model, batch, pair_features(model, chunk, image_root, image_cfg))
+            values = pair_logps(model, batch, pair_features(model, chunk, image_root, image_cfg, noise=noise))
         for f, v in zip(FIELDS, values):
             out[f].append(v.float().cpu())
     return {f: torch.cat(v) for f, v in out.items()}
