@@ -368,7 +368,7 @@ def run_round(args, k, world):
     pairs_path, pairs, image_root = prepare_data(args, k, prev, round_dir, world)
     t_data = time.time()
 
-    # Reference log-probs: once per round, keyed by the pairs' and the reference weights' hashes.
+    # Reference log-probs: once per round, keyed by the pairs' and the reference weights' hashes and the precision.
     ref_path = os.path.join(round_dir, "ref_logps.safetensors")
     cuda = args.device.startswith("cuda")
     key = cache_key(pairs_path, prev, str(weight_dtype(args)).removeprefix("torch.") + ("+autocast" if cuda else ""))
@@ -376,8 +376,8 @@ def run_round(args, k, world):
         ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(args), device=args.device)
         ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, args.micro_batch_size, args.device,
                           torch.bfloat16 if cuda else None)
-        save_reference(ref_path, ref, key)
-        round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_root, ref)
+        round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_root, ref)  # before the cache,
+        save_reference(ref_path, ref, key)  # whose presence means "done": a kill in between redoes both
         del ref_model
     dist.barrier()
     ref = load_reference(ref_path, key)
