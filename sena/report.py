@@ -70,17 +70,16 @@ def data_uri(img, max_side=256):
 def noised_image(path, name, settings, image_cfg):
     """The image the rejected answers saw, exactly as generate.py made it, back in RGB.
 
-    x_t = add_diffusion_noise(preprocess(image), t, generator=noise_generator(seed, name, round))   (3, S, S)
+    x_t = sena.noise.noised_image(preprocess(image), t, seed, name, round)   (3, S, S)
     rgb = clamp(x_t · std + mean, 0, 1) · 255        the normalization undone with the model's image mean/std.
     """
     import torch
 
     from sena.image import load_image, preprocess
-    from sena.noise import add_diffusion_noise, noise_generator
+    from sena.noise import noised_image as noised
 
     x = preprocess(load_image(path), image_cfg)
-    gen = noise_generator(settings.get("seed", 0), name, settings.get("round", 1))
-    x_t = add_diffusion_noise(x, settings.get("noise_step", 600), generator=gen)
+    x_t = noised(x, settings.get("noise_step", 600), settings.get("seed", 0), name, settings.get("round", 1))
     mean = torch.tensor(image_cfg["image_mean"], dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(image_cfg["image_std"], dtype=torch.float32).view(3, 1, 1)
     rgb = (x_t.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # (3, S, S)
@@ -108,7 +107,8 @@ def load_round(run_dir, k):
     scenes = {sc["image"]: sc for sc in jsonl(labels, ("image", "objects"))} if os.path.exists(labels) else None
     metrics = load_json(os.path.join(d, "model", "metrics.json")) or load_json(os.path.join(d, "metrics.json"))
     return {"k": k, "pairs": pairs, "logs": logs, "scenes": scenes, "metrics": metrics,
-            "report": load_json(os.path.join(d, "report.json")) or {}, "meta": load_json(os.path.join(d, "meta.json"))}
+            "report": load_json(os.path.join(d, "report.json")) or {}, "meta": load_json(os.path.join(d, "meta.json")),
+            "telemetry": load_json(os.path.join(d, "telemetry.json")) or {}}
 
 
 def image_cfg_for(run_dir, r):
@@ -211,6 +211,12 @@ def data_report(rounds, score_pairs):
              ["mean words chosen", *[fmt(rep.get("mean_words_chosen")) for rep in reps]],
              ["mean words rejected", *[fmt(rep.get("mean_words_rejected")) for rep in reps]],
              ["seconds (generation)", *[fmt(rep.get("seconds")) for rep in reps]]]  # fmt: skip
+    for group in ("des", "gen"):  # sena/telemetry.py: label-free, from θ(k-1)
+        pref = [r["telemetry"].get("reference_prefers_chosen", {}).get(group, {}) for r in rounds]
+        rel = [r["telemetry"].get("image_reliance", {}).get(group, {}) for r in rounds]
+        rows += [[f"reference prefers chosen ({group})", *[fmt(p.get("summed"), 1) for p in pref]],
+                 [f"image reliance chosen / rejected ({group}, nats/token)",
+                  *[f"{v['chosen']:+.3f} / {v['rejected']:+.3f}" if v else fmt(None) for v in rel]]]
     for part in ("reference", "train", "eval"):
         rows.append([f"seconds ({part})", *[fmt((r["meta"] or {}).get("seconds", {}).get(part)) for r in rounds]])
     if score_pairs and any(r["scenes"] for r in rounds):

@@ -90,6 +90,9 @@ def make_run(root):
                                 "rewards/margins": 0.1 * s, "rewards/accuracies": min(1.0, 0.5 + 0.1 * s),
                                 "rewards/chosen": 0.05 * s, "rewards/rejected": -0.05 * s, "logps/chosen": -10 + s,
                                 "logps/rejected": -12 - s, "grad_norm": 1.0}) + "\n")  # fmt: skip
+    with open(os.path.join(run, "iter_1", "telemetry.json"), "w") as f:  # as train.py writes it (round 1 only)
+        json.dump({"reference_prefers_chosen": {"des": {"n": 4, "summed": 0.75, "per_token": 0.5}},
+                   "image_reliance": {"des": {"n": 4, "chosen": 0.25, "rejected": -0.125}}}, f)
     with open(os.path.join(run, "iter_1", "meta.json"), "w") as f:
         json.dump({"round": 1, "args": {"beta": 0.1, "seed": 0}, "git_commit": "abc123", "reference": theta0,
                    "seconds": {"reference": 1.0, "train": 2.0, "eval": 3.0}}, f)  # fmt: skip
@@ -125,6 +128,9 @@ def test_report_is_self_contained_and_marks_answers(run_dir):
     row = re.search(r"world: chosen correct</td>(.*?)</tr>", page).group(1)
     assert "100.0%" in row and "—" in row
     assert re.search(r"pair acceptance</td><td[^>]*>100.0%", page)
+    row = re.search(r"reference prefers chosen \(des\)</td>(.*?)</tr>", page).group(1)
+    assert "75.0%" in row and "—" in row  # round 2 has no telemetry.json
+    assert re.search(r"image reliance chosen / rejected \(des, nats/token\)</td><td[^>]*>\+0.250 / -0.125", page)
     # Benchmarks: θ0 answers 'Yes' to all, round 1 the gold: POPE accuracy 50 → 100 (+50.00), round 2 missing.
     row = re.search(r"pope_random_acc</td>(.*?)</tr>", page).group(1)
     assert re.findall(r"<td[^>]*>(.*?)</td>", row) == ["50.00", '100.00 <span class="up">(+50.00)</span>',
