@@ -8,6 +8,13 @@
 #
 # gpu_carry/s0 holds a world run directory made on the CPU: theta0/, test/, test_labels.jsonl, pool/iter_1/ and
 # cpu_iter_1/ (that round's pairs.jsonl, report.json, log.jsonl and θ1's metrics.json from the CPU, fp32).
+# Making it from a finished world run (2026-11-30: runs/ablation/s0-none), and the wheels the GPU image lacks:
+#   S=runs/ablation/s0-none; mkdir -p gpu_carry/s0/pool gpu_carry/s0/cpu_iter_1
+#   cp -r $S/theta0 $S/test $S/test_labels.jsonl gpu_carry/s0/ && cp -r $S/pool/iter_1 gpu_carry/s0/pool/
+#   cp $S/iter_1/{pairs.jsonl,report.json,log.jsonl} $S/iter_1/model/metrics.json gpu_carry/s0/cpu_iter_1/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1 importlib_metadata
+# (both folders in .git/info/exclude; on the GPU: pip install --no-index --no-deps --target /tmp/site .whl/*.whl and
+# PYTHONPATH=/tmp/site before this script).
 # Stages:
 #   readiness     LLaVA-1.5-7B shapes, bf16 base + fp32 LoRA r=128, 4 pairs/step; then checkpointing, 16 pairs/step
 #   bf16_pairs    round 1 on the CPU round's own pairs: bf16 reference cache, step-0 check, bf16 LoRA training,
