@@ -185,6 +185,11 @@ def weight_dtype(args):
     return torch.bfloat16 if args.device.startswith("cuda") and not args.full_ft else torch.float32
 
 
+def autocast_dtype(args):
+    """bf16 autocast on CUDA, none on CPU: the forward's precision, for the reference and telemetry passes."""
+    return torch.bfloat16 if args.device.startswith("cuda") else None
+
+
 def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     """DPO + λ·ICA from θ(k-1); returns the trained (merged) model, tokenizer and image config."""
     dev = args.device
@@ -370,12 +375,12 @@ def run_round(args, k, world):
 
     # Reference log-probs: once per round, keyed by the pairs' and the reference weights' hashes and the precision.
     ref_path = os.path.join(round_dir, "ref_logps.safetensors")
-    cuda = args.device.startswith("cuda")
-    key = cache_key(pairs_path, prev, str(weight_dtype(args)).removeprefix("torch.") + ("+autocast" if cuda else ""))
+    precision = str(weight_dtype(args)).removeprefix("torch.") + ("+autocast" if autocast_dtype(args) else "")
+    key = cache_key(pairs_path, prev, precision)
     if dist.rank() == 0 and not os.path.exists(ref_path):
         ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(args), device=args.device)
         ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, args.micro_batch_size, args.device,
-                          torch.bfloat16 if cuda else None)
+                          autocast_dtype(args))
         round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_root, ref)  # before the cache,
         save_reference(ref_path, ref, key)  # whose presence means "done": a kill in between redoes both
         del ref_model
@@ -414,8 +419,7 @@ def round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_
         idx = sorted(random.Random(args.seed * 1000 + k).sample(range(len(pairs)), n))
         sub = [pairs[i] for i in idx]
         noised = score_pairs(ref_model, tok, image_cfg, sub, image_root, args.micro_batch_size, args.device,
-                             torch.bfloat16 if args.device.startswith("cuda") else None,
-                             noise=(args.noise_step, args.seed, k))
+                             autocast_dtype(args), noise=(args.noise_step, args.seed, k))
         tele["image_reliance"] = image_reliance({f: v[idx] for f, v in ref.items()}, noised, [types[i] for i in idx])
         tele["image_reliance_noise_step"] = args.noise_step
     atomic_write_text(os.path.join(round_dir, "telemetry.json"), json.dumps(tele, indent=2))
