@@ -67,7 +67,7 @@ def data_uri(img, max_side=256):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def noised_image(path, name, settings, image_cfg):
+def noised_rgb(path, name, settings, image_cfg):
     """The image the rejected answers saw, exactly as generate.py made it, back in RGB.
 
     x_t = sena.noise.noised_image(preprocess(image), t, seed, name, round)   (3, S, S)
@@ -76,10 +76,10 @@ def noised_image(path, name, settings, image_cfg):
     import torch
 
     from sena.image import load_image, preprocess
-    from sena.noise import noised_image as noised
+    from sena.noise import noised_image
 
     x = preprocess(load_image(path), image_cfg)
-    x_t = noised(x, settings.get("noise_step", 600), settings.get("seed", 0), name, settings.get("round", 1))
+    x_t = noised_image(x, settings.get("noise_step", 600), settings.get("seed", 0), name, settings.get("round", 1))
     mean = torch.tensor(image_cfg["image_mean"], dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(image_cfg["image_std"], dtype=torch.float32).view(3, 1, 1)
     rgb = (x_t.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # (3, S, S)
@@ -141,7 +141,7 @@ def gallery(run_dir, r, n_images, score_pairs):
             with Image.open(path) as im:
                 figs += f'<figure><img src="{data_uri(im)}"><br>image</figure>'
             if cfg:
-                noised = noised_image(path, name, settings, cfg)
+                noised = noised_rgb(path, name, settings, cfg)
                 figs += f'<figure><img src="{data_uri(noised)}"><br>noised t={settings.get("noise_step", 600)}</figure>'
         except (OSError, ValueError) as err:
             figs += f'<span class="muted">image unavailable: {e(err)}</span>'

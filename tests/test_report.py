@@ -143,14 +143,14 @@ def test_noised_copy_is_generates_image(run_dir):
     cfg = default_image_cfg(72)
     name = sorted(os.listdir(os.path.join(run_dir, "pool", "iter_2")))[0]
     path = os.path.join(run_dir, "pool", "iter_2", name)
-    got = np.asarray(R.noised_image(path, name, {"seed": 0, "round": 2, "noise_step": 600}, cfg), dtype=np.float64)
+    got = np.asarray(R.noised_rgb(path, name, {"seed": 0, "round": 2, "noise_step": 600}, cfg), dtype=np.float64)
     x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255  # (3, 72, 72)
     mean, std = np.array(cfg["image_mean"])[:, None, None], np.array(cfg["image_std"])[:, None, None]
     eps = torch.randn((3, 72, 72), generator=noise_generator(0, name, 2)).double().numpy()
     a = 0.539118
     want = np.clip((math.sqrt(a) * (x - mean) / std + math.sqrt(1 - a) * eps) * std + mean, 0, 1) * 255
     assert np.abs(got.transpose(2, 0, 1) - want).max() <= 1.0  # rounding to uint8 (+ fp32)
-    other = np.asarray(R.noised_image(path, name, {"seed": 0, "round": 3, "noise_step": 600}, cfg), dtype=np.float64)
+    other = np.asarray(R.noised_rgb(path, name, {"seed": 0, "round": 3, "noise_step": 600}, cfg), dtype=np.float64)
     assert np.abs(other - got).mean() > 20  # another round draws other noise
 
 
