@@ -323,3 +323,22 @@ def test_memo_tokenizer_gives_the_tokenizers_ids_and_fresh_lists(tok):
     ids.append(-1)  # a caller extending its list must not change the cache
     assert memo("a red star").input_ids == tok("a red star", add_special_tokens=False).input_ids
     assert len(memo.cache) == 6  # system line, 2 prompt tails, 2 answers, "a red star": the repeats were hits
+
+
+def test_stage1_noise_batch_by_hand():
+    """--vision-noise: the noised share is x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε with ᾱ_600 = 0.539118 (sena/noise.py),
+    the rest is left exactly as it was, and share 0 changes nothing."""
+    from sena.world.encoder import noise_batch
+
+    x = torch.randn(64, 3, 8, 8)
+    assert torch.equal(noise_batch(x, (0.0, 600, 601), torch.Generator().manual_seed(5)), x)
+    g = torch.Generator().manual_seed(5)
+    torch.randint(600, 601, (64,), generator=g)  # the draws noise_batch makes, in its order: t, then ε
+    eps = torch.randn(x.shape, generator=g)
+    want = 0.539118 ** 0.5 * x + (1 - 0.539118) ** 0.5 * eps
+    torch.testing.assert_close(noise_batch(x, (1.0, 600, 601), torch.Generator().manual_seed(5)), want,
+                               atol=1e-5, rtol=0)
+    half = noise_batch(x, (0.5, 600, 601), torch.Generator().manual_seed(5))
+    same = (half == x).flatten(1).all(1)
+    assert 16 < same.sum() < 48  # about half of the 64 images noised
+    torch.testing.assert_close(half[~same], want[~same], atol=1e-5, rtol=0)

@@ -46,7 +46,10 @@ TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warm
              # (POPE accuracy 49%). Existence *alone* first is learned (POPE-adversarial F1 0.88) and colour never is
              # (12%); existence after the mixed warm-up is never learned (yes-ratio 100%).
              reading=(("exist+color+position", 800), ("color+shape+position+exist+count", 500)),
-             freeze_embed=True)
+             freeze_embed=True,
+             # (share, t_min, t_max): stage 1 sees that share of its images diffusion-noised, true labels (opt-in,
+             # README "The embedded world": one build of seed 0 read better and hallucinated less; not the default).
+             vision_noise=None)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -299,7 +302,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     t_data = time.time() - t0
     grid = config.vision.image_size // config.vision.patch_size
     vloss = pretrain_vision(model, images, cell_targets(scenes, grid), image_cfg, rng, tr["vision_steps"],
-                            tr["vision_batch"], tr["vision_lr"])
+                            tr["vision_batch"], tr["vision_lr"], tr["vision_noise"])
     feats = tower_features(model, images, image_cfg)  # the tower is frozen from here on: compute it once
     ploss = align_projector(model, feats, scenes, tok, rng, tr["align_steps"], tr["vision_batch"], tr["vision_lr"],
                             tr["align_scale"], tr["align_bag"], tr["bag_basis"], tr["bag_token"])
@@ -351,8 +354,11 @@ def main(argv=None):
     ap.add_argument("--n-test", type=int, default=500, help="held-out test images (benchmarks)")
     ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="θ0 optimizer steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--vision-noise", type=float, nargs=3, metavar=("SHARE", "T_MIN", "T_MAX"), default=None,
+                    help="stage 1: noise SHARE of the tower's images at t ~ U[T_MIN, T_MAX), true labels (opt-in)")
     args = ap.parse_args(argv)
-    build_theta0(args.out, seed=args.seed, threads=args.threads, steps=args.steps)
+    vn = args.vision_noise and (args.vision_noise[0], int(args.vision_noise[1]), int(args.vision_noise[2]))
+    build_theta0(args.out, seed=args.seed, threads=args.threads, steps=args.steps, vision_noise=vn)
     # Split seeds differ from the training-scene seed stream, so test scenes are held out.
     for name, n, off in (("pool", args.n_pool, 1000), ("test", args.n_test, 2000)):
         labels = os.path.join(args.out, f"{name}_labels.jsonl")

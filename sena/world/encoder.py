@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sena.noise import add_diffusion_noise
 from sena.world.scenes import COLORS, POSITIONS, SHAPES, SIZES
 
 
@@ -39,7 +40,19 @@ def presence(targets) -> torch.Tensor:
     return F.one_hot(shapes, len(SHAPES) + 1)[..., : len(SHAPES)].amax(1).float()
 
 
-def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, lr):
+def noise_batch(x, noise, generator) -> torch.Tensor:
+    """Stage 1's optional augmentation: noise=(share, t_min, t_max) noises that share of the images of x (B, C, H, W,
+    normalized pixels) with SENA's forward diffusion at t ~ U[t_min, t_max) and leaves the rest as they are. The
+    labels stay the true ones, so the tower learns what it can still see through the noise and, where it sees
+    nothing, the prior over scenes (co-occurrence included) instead of whatever shapes the noise looks like."""
+    share, t_min, t_max = noise
+    t = torch.randint(t_min, t_max, (len(x),), generator=generator)
+    eps = torch.randn(x.shape, generator=generator)
+    noised = torch.rand(len(x), generator=generator) < share
+    return torch.where(noised[:, None, None, None], add_diffusion_noise(x, t, noise=eps), x)
+
+
+def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, lr, noise=None):
     """Stage 1: the vision tower learns to name the object in each patch's cell (linear heads, dropped afterwards).
 
     LLaVA starts from a pretrained CLIP and keeps it frozen; our tower starts from scratch, and a language model
@@ -49,15 +62,18 @@ def pretrain_vision(model, images, targets, image_cfg, rng, steps, batch_size, l
     reads (hidden states of layer vision_feature_layer, the patches), plus the mean binary cross-entropy of a head
     that says from every token LLaVA reads (CLS too under "full") which shapes are anywhere in the image (global
     context, as CLIP's patches carry).
+    noise: None, or (share, t_min, t_max) for noise_batch (a generator seeded from rng draws it).
     Labels are world labels, as everywhere in the θ0 build.
     """
     c = model.config
+    gen = torch.Generator().manual_seed(rng.randrange(2**31)) if noise else None
     splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, len(SHAPES)]
     heads = torch.nn.Linear(c.vision.hidden_size, sum(splits))
     present = presence(targets)  # (N, n_shapes)
 
     def batch_loss(idx):
-        out = heads(model.vision_hidden(pixels(images[idx], image_cfg)))  # (B, 1+N, sum(splits))
+        x = pixels(images[idx], image_cfg)
+        out = heads(model.vision_hidden(noise_batch(x, noise, gen) if noise else x))  # (B, 1+N, sum(splits))
         *logits, _ = out[:, 1:].split(splits, dim=-1)  # the cells' heads read the patches
         bag = out[:, c.first_image_feature:, -splits[-1]:]  # the bag head: every token LLaVA reads (CLS if "full")
         loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[idx][..., k].reshape(-1))
