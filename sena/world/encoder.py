@@ -42,8 +42,11 @@ def presence(targets) -> torch.Tensor:
 
 def noise_batch(x, noise, generator) -> torch.Tensor:
     """Stage 1's optional augmentation: noise=(share, t_min, t_max) noises that share of the images of x (B, C, H, W,
-    normalized pixels) with SENA's forward diffusion at t ~ U[t_min, t_max) and leaves the rest as they are. The
-    labels stay the true ones, so the tower learns what it can still see through the noise and, where it sees
+    normalized pixels) with SENA's forward diffusion (sena.noise.add_diffusion_noise) and leaves the rest as they are:
+
+        x_b' = sqrt(ᾱ_t_b)·x_b + sqrt(1 − ᾱ_t_b)·ε_b  if u_b < share, else x_b;   t_b ~ U[t_min, t_max), u_b ~ U[0, 1)
+
+    The labels stay the true ones, so the tower learns what it can still see through the noise and, where it sees
     nothing, the prior over scenes (co-occurrence included) instead of whatever shapes the noise looks like."""
     share, t_min, t_max = noise
     t = torch.randint(t_min, t_max, (len(x),), generator=generator)
