@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -202,6 +203,12 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
         assert fa.read() == fb.read()
     capsys.readouterr()
     assert build_theta0(str(tmp_path / "a"), **kw) == a and "reusing" in capsys.readouterr().out
+    # A cached θ0 of another seed or recipe is refused, naming the file and what differs (never reused silently).
+    for over, says in ((dict(seed=4), "seed 3 (asked 4)"), (dict(steps=5), "train.steps 3 (asked 5)"),
+                       (dict(model_over=TINY | dict(text_layers=2)), "model.text_layers 1 (asked 2)")):
+        with pytest.raises(ValueError, match=re.escape(says)) as e:
+            build_theta0(str(tmp_path / "a"), **(kw | over))
+        assert os.path.join(a, "meta.json") in str(e.value)
     ours, tok, _ = load_pretrained(a)
     hf = LlavaForConditionalGeneration.from_pretrained(a).eval()
     ids = torch.tensor([encode_prompt(tok, "Describe the image concisely.", ours.config.n_image_tokens,

@@ -263,6 +263,22 @@ def _complete(path) -> bool:
         return bool(json.load(f).get("complete"))
 
 
+def check_recipe(out, seed, tr, model, noise):
+    """Refuse a cached θ0 built with another seed or recipe than the one asked for (it would be reused silently and
+    every number after it would belong to another θ0). Keys an older meta.json does not record are not compared."""
+    path = os.path.join(out, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    asked = json.loads(json.dumps({"seed": seed, "train": tr, "model": model, "noise": noise}))  # tuples -> lists
+    diffs = [f"seed {meta['seed']} (asked {seed})"] if meta.get("seed") != seed else []
+    for part in ("train", "model", "noise"):
+        have = meta.get(part, {})
+        diffs += [f"{part}.{k} {have[k]} (asked {v})" for k, v in asked[part].items() if k in have and have[k] != v]
+    if diffs:
+        raise ValueError(f"{path}: the cached θ0 was built with {'; '.join(diffs)}. Use another run directory, or "
+                         f"delete {out} to rebuild it")
+
+
 def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_every=50, model_over=None,
                  **train_over) -> str:
     """Train θ0 on the world mix and save it to run_dir/theta0 (skipped when a complete one is there).
@@ -278,12 +294,13 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     Returns the path of the saved directory.
     """
     out = os.path.join(run_dir, "theta0")
+    noise = noise or Noise()
+    tr = TRAIN | train_over
     if _complete(out):
+        check_recipe(out, seed, tr, MODEL | (model_over or {}), vars(noise))
         print(f"theta0: {out} exists and is complete; reusing it")
         return out
     t0, c0 = time.time(), time.process_time()
-    noise = noise or Noise()
-    tr = TRAIN | train_over
     if threads:  # else torch's default, which honours OMP_NUM_THREADS (parallel builds must not oversubscribe)
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
