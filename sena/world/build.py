@@ -263,14 +263,15 @@ def _complete(path) -> bool:
         return bool(json.load(f).get("complete"))
 
 
-def check_recipe(out, seed, tr, model, noise):
-    """Refuse a cached θ0 built with another seed or recipe than the one asked for (it would be reused silently and
-    every number after it would belong to another θ0). Keys an older meta.json does not record are not compared."""
+def check_recipe(out, recipe):
+    """Refuse a cached θ0 built with another recipe (seed, train, model, noise) than the one asked for: it would be
+    reused silently and every number after it would belong to another θ0. Keys an older meta.json does not record
+    are not compared."""
     path = os.path.join(out, "meta.json")
     with open(path) as f:
         meta = json.load(f)
-    asked = json.loads(json.dumps({"seed": seed, "train": tr, "model": model, "noise": noise}))  # tuples -> lists
-    diffs = [f"seed {meta['seed']} (asked {seed})"] if meta.get("seed") != seed else []
+    asked = json.loads(json.dumps(recipe))  # as meta.json holds it: tuples -> lists
+    diffs = [f"seed {meta['seed']} (asked {asked['seed']})"] if meta.get("seed", asked["seed"]) != asked["seed"] else []
     for part in ("train", "model", "noise"):
         have = meta.get(part, {})
         diffs += [f"{part}.{k} {have[k]} (asked {v})" for k, v in asked[part].items() if k in have and have[k] != v]
@@ -296,8 +297,9 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     out = os.path.join(run_dir, "theta0")
     noise = noise or Noise()
     tr = TRAIN | train_over
+    recipe = {"seed": seed, "train": tr, "model": MODEL | (model_over or {}), "noise": vars(noise)}  # meta.json's
     if _complete(out):
-        check_recipe(out, seed, tr, MODEL | (model_over or {}), vars(noise))
+        check_recipe(out, recipe)
         print(f"theta0: {out} exists and is complete; reusing it")
         return out
     t0, c0 = time.time(), time.process_time()
@@ -350,9 +352,8 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     model.eval()
     save_pretrained(model, tmp, tokenizer=None, image_cfg=image_cfg)
     save_tokenizer(tok, tmp)
-    meta = {"complete": True, "seed": seed, "train": tr, "model": MODEL | (model_over or {}), "noise": vars(noise),
-            "threads": torch.get_num_threads(), "final_loss": sum(log[-20:]) / max(1, len(log[-20:])),
-            "vision_loss": vloss,
+    meta = {"complete": True, **recipe, "threads": torch.get_num_threads(),
+            "final_loss": sum(log[-20:]) / max(1, len(log[-20:])), "vision_loss": vloss,
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
             "data_seconds": round(t_data, 1),
             "weights_sha256": weights_hash(model), "n_examples": n_rows * tr["per_image"]}
