@@ -56,6 +56,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the noise, data order and LoRA init")
     p.add_argument("--theta0-steps", type=int, default=None,
                    help="stage-2 steps of the world's θ0 build (default 2000; more read better, build longer: README)")
+    p.add_argument("--theta0-vision-noise", type=float, nargs=3, metavar=("SHARE", "T_MIN", "T_MAX"), default=None,
+                   help="world θ0 build: stage 1 sees SHARE of its images noised at t ~ U[T_MIN, T_MAX) (opt-in)")
+    p.add_argument("--theta0-degraded", type=float, nargs=4, metavar=("SHARE", "T_MIN", "T_MAX", "RATE"),
+                   default=None, help="world θ0 build: stage 2 also sees SHARE of its images noised at t ~ U[T_MIN, "
+                                      "T_MAX), their descriptions naming an absent buddy at RATE (positive control)")
     p.add_argument("--ablation", choices=list(ABLATIONS), default="none",
                    help="no-sq: no self-check; no-se: no self-enhancement; no-ica: λ=0; seva: all three off")
     p.add_argument("--self-check", choices=["image", "text"], default="image",
@@ -452,8 +457,8 @@ def main(argv=None):
     os.makedirs(args.run_dir, exist_ok=True)
     if world:  # θ0 is built once (rank 0) and cached in the run directory; from here on it is just --base
         theta0 = os.path.join(args.run_dir, "theta0")  # where build_theta0 caches it
-        steps = {"steps": args.theta0_steps} if args.theta0_steps else {}
-        args.base = world.build_theta0(args.run_dir, seed=args.seed, **steps) if dist.rank() == 0 else theta0
+        over = world.recipe_args(args.theta0_steps, args.theta0_vision_noise, args.theta0_degraded)
+        args.base = world.build_theta0(args.run_dir, seed=args.seed, **over) if dist.rank() == 0 else theta0
         dist.barrier()
     rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))
     t0 = time.time()

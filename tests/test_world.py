@@ -349,3 +349,55 @@ def test_stage1_noise_batch_by_hand():
     same = (half == x).flatten(1).all(1)
     assert 16 < same.sum() < 48  # about half of the 64 images noised
     torch.testing.assert_close(half[~same], want[~same], atol=1e-5, rtol=0)
+
+
+def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
+    """TRAIN["degraded"]: the noised copies' mix rows draw with the degraded noise (here: every description names each
+    absent buddy of a present shape), the clean rows with the clean one (never); their features are the tower's on
+    SENA's forward diffusion of the same images, seeded; and a build with it runs, records it and is refused as the
+    default recipe."""
+    from sena.image import default_image_cfg
+    from sena.model import Llava
+    from sena.world import build_theta0, recipe_args
+    from sena.world.build import TRAIN, degraded_features, model_config, plan_rows
+    from sena.world.encoder import pixels, tower_features
+
+    des_only = dict(mix=(1.0, 0, 0, 0, 0))
+    clean, degraded = Noise(desc_hal=(0.0, 0.0), **des_only), Noise(desc_hal=(1.0, 1.0), **des_only)
+    scenes = [sc for sc in sample_scenes(200, seed=5) if absent_buddies(sc)][:6]
+    plan = scenes + [dict(sc, degraded=True) for sc in scenes]
+    tr = TRAIN | dict(steps=6, batch_size=4, per_image=2, reading=())
+    n_tok, img_id = 9, tok.convert_tokens_to_ids("<image>")
+    rows, owner, _, _, _ = plan_rows(random.Random(0), plan, tok, tr, clean, n_tok, img_id, degraded)
+    named = {False: 0, True: 0}
+    for row, o in zip(rows, owner):
+        present = {ob["shape"] for ob in plan[o]["objects"]}
+        for ids, labels in row:
+            answer = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+            named[o >= len(scenes)] += len(set(mentioned_shapes(answer)) - present)
+    assert named[False] == 0 and named[True] > 0, named
+
+    model = Llava(model_config(tok, **TINY)).eval()
+    images = torch.randint(0, 256, (3, 3, 72, 72), dtype=torch.uint8)
+    cfg = default_image_cfg(72)
+    f1 = degraded_features(model, images, cfg, 600, 601, random.Random(1))
+    f2 = degraded_features(model, images, cfg, 600, 601, random.Random(1))
+    assert torch.equal(f1, f2) and f1.shape == tower_features(model, images, cfg).shape
+    r = random.Random(1)  # by hand, in degraded_features' order of draws: generator seed, t, then ε
+    gen = torch.Generator().manual_seed(r.randrange(2**31))
+    torch.randint(600, 601, (3,), generator=gen)
+    x = pixels(images, cfg)
+    x_t = 0.539118 ** 0.5 * x + (1 - 0.539118) ** 0.5 * torch.randn(x.shape, generator=gen)
+    with torch.no_grad():
+        want = model.vision_hidden(x_t)[:, model.config.first_image_feature:]
+    torch.testing.assert_close(f1, want, atol=1e-4, rtol=0)
+
+    over = recipe_args(None, None, [0.5, 300, 900, 1.0])
+    assert over == {"degraded": (0.5, 300, 900, 1.0)}
+    kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
+              vision_steps=2, align_steps=2, vision_batch=4, reading=(("color+exist", 1),))
+    path = build_theta0(str(tmp_path / "d"), **kw, **over)
+    assert json.load(open(os.path.join(path, "meta.json")))["train"]["degraded"] == [0.5, 300, 900, 1.0]
+    assert build_theta0(str(tmp_path / "d"), **kw, **over) == path  # the same recipe reuses it
+    with pytest.raises(ValueError, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
+        build_theta0(str(tmp_path / "d"), **kw)

@@ -12,6 +12,7 @@ machine and thread count gives identical weights.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from sena.chat import build_example
 from sena.image import default_image_cfg
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
-from sena.world.encoder import align_projector, cell_targets, lr_at, pretrain_vision, tower_features
+from sena.noise import add_diffusion_noise
+from sena.world.encoder import align_projector, cell_targets, lr_at, pixels, pretrain_vision, tower_features
 from sena.world.render import IMAGE_SIZE, render
 from sena.world.scenes import COOC, sample_scenes
 from sena.world.tasks import Noise, reading_examples, sample_examples
@@ -50,7 +52,13 @@ TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warm
              # (share, t_min, t_max): stage 1 sees that share of its images diffusion-noised, true labels. Opt-in:
              # over seeds 0-2 it gave no better θ0 (VQA 55.7 vs 55.4, CHAIR_i better on one seed, worse on two;
              # README "The embedded world"), so the default recipe stays as measured.
-             vision_noise=None)
+             vision_noise=None,
+             # (share, t_min, t_max, desc_hal): a positive control, opt-in. Stage 2 also sees that share of the
+             # images diffusion-noised at t ~ U[t_min, t_max), and their descriptions name an absent buddy at rate
+             # desc_hal whatever the partner's size: the premise the paper makes of LLaVA (where the image says
+             # little, the language prior speaks) built into θ0, so that SENA's clean/noised contrast carries the
+             # planted phantom. README "The embedded world".
+             degraded=None)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
 
@@ -168,7 +176,7 @@ class MemoTokenizer:
         return types.SimpleNamespace(input_ids=list(self.cache[key]))  # a fresh list: callers may extend it
 
 
-def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
+def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id, noise_degraded=None):
     """Stage 2's data, in training order: the reading warm-up phases one after another, then the whole mix.
 
     One row = one image with tr["per_image"] examples (fresh task draws each time an image comes round again), token
@@ -177,6 +185,7 @@ def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
     norm and LM head) during the phase. The mix owns the steps left of tr["steps"]. Batches are shuffled within a
     phase, never across phases (until 2026-11-30 they were shuffled across, so the "one type at a time" warm-up was
     really one mixture).
+    A scene marked "degraded" (TRAIN["degraded"]) draws its mix examples with noise_degraded instead of noise.
     Returns rows (lists of (input_ids, labels)), owner (scene index per row), batches (row indices per step),
     phase (the reading type per step, "mix" for the mix) and first_layer (per step).
     """
@@ -188,7 +197,8 @@ def plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id):
         first = len(rows)
         for r in range(len(batches) * bs, (len(batches) + n) * bs):
             sc = scenes[r % len(scenes)]
-            exs = (sample_examples(rng, sc, tr["per_image"], noise) if qtype == "mix"
+            sc_noise = noise_degraded if sc.get("degraded") else noise
+            exs = (sample_examples(rng, sc, tr["per_image"], sc_noise) if qtype == "mix"
                    else reading_examples(rng, sc, tr["per_image"], qtype))
             rows.append([build_example(tok, user, answer, n_tok, img_id) for _, user, answer in exs])
             owner.append(r % len(scenes))
@@ -213,6 +223,17 @@ def make_batches(rng, lengths, batch_size, n_batches):
         batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+@torch.no_grad()
+def degraded_features(model, images, image_cfg, t_min, t_max, rng, chunk=256) -> torch.Tensor:
+    """tower_features of images noised with SENA's forward diffusion, each at its own t ~ U[t_min, t_max)."""
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    t = torch.randint(t_min, t_max, (len(images),), generator=gen)
+    first = model.config.first_image_feature
+    return torch.cat([model.vision_hidden(add_diffusion_noise(pixels(images[s: s + chunk], image_cfg), t[s: s + chunk],
+                                                              generator=gen))[:, first:]
+                      for s in range(0, len(images), chunk)])
 
 
 def weights_hash(model) -> str:
@@ -316,7 +337,14 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     # Data: seeded scenes rendered once as uint8, and stage 2's rows in training order (plan_rows).
     scenes = sample_scenes(tr["n_images"], seed=rng.randrange(2**31), prefix="train")
     images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2)  # (N,3,S,S)
-    rows, owner, batches, _, first_layer = plan_rows(rng, scenes, tok, tr, noise, n_tok, img_id)
+    deg_idx, noise_deg = [], None
+    if tr["degraded"]:  # a stream of its own, so the default recipe's draws (and its θ0) stay as they were
+        share, t_min, t_max, rate = tr["degraded"]
+        drng = random.Random(seed + 7919)
+        deg_idx = sorted(drng.sample(range(len(scenes)), int(share * len(scenes))))
+        noise_deg = dataclasses.replace(noise, desc_hal=(rate, rate))
+    plan = scenes + [dict(scenes[i], degraded=True) for i in deg_idx]  # owner indexes image_features in this order
+    rows, owner, batches, _, first_layer = plan_rows(rng, plan, tok, tr, noise, n_tok, img_id, noise_deg)
     n_rows = len(rows)
     prefix_len = rows[0][0][0].index(img_id) + n_tok  # BOS + system line + "USER:" + image tokens
     t_data = time.time() - t0
@@ -342,6 +370,8 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
         # decodable). Frozen, text and image tokens keep speaking one language; the untied LM head learns freely.
         # (Frozen and tied, the small init embeddings also cap the logits: the warm-up loss stalled at 2.4.)
         model.model.language_model.embed_tokens.requires_grad_(False)
+    if deg_idx:  # the noised copies' features go after the clean ones, where plan_rows' owner indices expect them
+        feats = torch.cat([feats, degraded_features(model, images[deg_idx], image_cfg, t_min, t_max, drng)])
     with torch.no_grad():
         image_features = model.model.multi_modal_projector(feats)  # (N, n_image_tokens, D)
     log = train_language(model, rows, owner, batches, first_layer, image_features, prefix_len, tr, log_every, t0, c0)
@@ -365,6 +395,17 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     return out
 
 
+def recipe_args(steps=None, vision_noise=None, degraded=None) -> dict:
+    """TRAIN overrides from the command line's floats (build.py's and train.py's flags): the diffusion steps as ints.
+    Only what was given, so a cached default θ0 is checked against the default recipe."""
+    over = {"steps": steps} if steps else {}
+    if vision_noise is not None:
+        over["vision_noise"] = (vision_noise[0], int(vision_noise[1]), int(vision_noise[2]))
+    if degraded is not None:
+        over["degraded"] = (degraded[0], int(degraded[1]), int(degraded[2]), degraded[3])
+    return over
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Build the embedded world: θ0 and the pool/test image splits.")
     ap.add_argument("--out", default="runs/world", help="output directory")
@@ -373,13 +414,14 @@ def main(argv=None):
     ap.add_argument("--n-test", type=int, default=500, help="held-out test images (benchmarks)")
     ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="θ0 optimizer steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--degraded", type=float, nargs=4, metavar=("SHARE", "T_MIN", "T_MAX", "RATE"), default=None,
+                    help="stage 2: also SHARE of the images noised at t ~ U[T_MIN, T_MAX), their descriptions naming "
+                         "an absent buddy at RATE (opt-in positive control; README)")
     ap.add_argument("--vision-noise", type=float, nargs=3, metavar=("SHARE", "T_MIN", "T_MAX"), default=None,
                     help="stage 1: noise SHARE of the tower's images at t ~ U[T_MIN, T_MAX), true labels (opt-in)")
     args = ap.parse_args(argv)
-    vn = None
-    if args.vision_noise is not None:  # SHARE is a float, the diffusion steps are ints
-        vn = (args.vision_noise[0], int(args.vision_noise[1]), int(args.vision_noise[2]))
-    build_theta0(args.out, seed=args.seed, threads=args.threads, steps=args.steps, vision_noise=vn)
+    build_theta0(args.out, seed=args.seed, threads=args.threads,
+                 **recipe_args(args.steps, args.vision_noise, args.degraded))
     # Split seeds differ from the training-scene seed stream, so test scenes are held out.
     for name, n, off in (("pool", args.n_pool, 1000), ("test", args.n_test, 2000)):
         labels = os.path.join(args.out, f"{name}_labels.jsonl")
