@@ -56,8 +56,9 @@ TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warm
              # (share, t_min, t_max, desc_hal): a positive control, opt-in. Stage 2 also sees that share of the
              # images diffusion-noised at t ~ U[t_min, t_max), and their descriptions name an absent buddy at rate
              # desc_hal whatever the partner's size: the premise the paper makes of LLaVA (where the image says
-             # little, the language prior speaks) built into θ0, so that SENA's clean/noised contrast carries the
-             # planted phantom. README "The embedded world".
+             # little, the language prior speaks) built into θ0, so that SENA's clean/noised contrast would carry the
+             # planted phantom. It did not take (seeds 0-1, two doses): θ0's noised descriptions name the buddy no more
+             # often than its clean ones (docs/world-experiments.md, session 9), so it stays off.
              degraded=None)
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 
