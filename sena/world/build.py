@@ -42,7 +42,7 @@ MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=192
 TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warmup=50, weight_decay=0.01,
              vision_steps=600, vision_batch=64, vision_lr=1e-3, align_steps=1500, align_scale=16.0, align_bag=1.0,
              bag_basis="words", bag_token="cls",
-             # Measured (README, "The embedded world"), 150 held-out scenes: the bag of shapes in the CLS token alone
+             # Measured (docs/world-experiments.md), 150 held-out scenes: the bag of shapes in the CLS token alone
              # and existence + colour + position read together first give VQA 59%, position 47%, CHAIR_i 9.8% and
              # existence answers that no longer say "Yes" to everything (yes-ratio 58%) but do not follow the image
              # (POPE accuracy 49%). Existence *alone* first is learned (POPE-adversarial F1 0.88) and colour never is
@@ -51,7 +51,7 @@ TRAIN = dict(steps=2000, batch_size=8, n_images=6000, per_image=4, lr=1e-3, warm
              freeze_embed=True,
              # (share, t_min, t_max): stage 1 sees that share of its images diffusion-noised, true labels. Opt-in:
              # over seeds 0-2 it gave no better θ0 (VQA 55.7 vs 55.4, CHAIR_i better on one seed, worse on two;
-             # README "The embedded world"), so the default recipe stays as measured.
+             # docs/world-experiments.md), so the default recipe stays as measured.
              vision_noise=None,
              # (share, t_min, t_max, desc_hal): a positive control, opt-in. Stage 2 also sees that share of the
              # images diffusion-noised at t ~ U[t_min, t_max), and their descriptions name an absent buddy at rate

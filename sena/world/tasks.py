@@ -239,7 +239,7 @@ def reading_examples(rng, scene: dict, n: int, qtype: str = "color") -> list[tup
     description template) and never learns to read the image tokens within the budget: it answers from a blur of all
     image tokens (colour right on one-object scenes, shape at chance). A warm-up of short answers builds the
     content-addressed lookups ("the token holding top + left") first, and they survive into the mix. Measured on 150
-    held-out scenes (README, "The embedded world"): one mixed warm-up phase of all five types beats single-type
+    held-out scenes (docs/world-experiments.md): one mixed warm-up phase of all five types beats single-type
     phases run one after another (VQA 53-58% against 24-35%; the single-type phases also break the descriptions).
     Existence is the exception: only an existence-only phase at the very start learns it, and that start leaves the
     model unable to learn colour afterwards (colour 6-19% in four builds).
