@@ -444,6 +444,13 @@ def world_pool(world, run_dir, k, n, seed):
     return pool
 
 
+def theta0_recipe(args) -> dict:
+    """The world θ0's TRAIN overrides from the --theta0-* flags (none given: the default recipe)."""
+    from sena import world
+
+    return world.recipe_args(args.theta0_steps, args.theta0_vision_noise, args.theta0_degraded)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads and not args.device.startswith("cuda"):
@@ -457,8 +464,13 @@ def main(argv=None):
     os.makedirs(args.run_dir, exist_ok=True)
     if world:  # θ0 is built once (rank 0) and cached in the run directory; from here on it is just --base
         theta0 = os.path.join(args.run_dir, "theta0")  # where build_theta0 caches it
-        over = world.recipe_args(args.theta0_steps, args.theta0_vision_noise, args.theta0_degraded)
-        args.base = world.build_theta0(args.run_dir, seed=args.seed, **over) if dist.rank() == 0 else theta0
+        if dist.rank() == 0:
+            try:
+                args.base = world.build_theta0(args.run_dir, seed=args.seed, **theta0_recipe(args))
+            except ValueError as e:  # a cached θ0 of another seed or recipe: the message names the file and the fix
+                raise SystemExit(f"error: {e}") from None
+        else:
+            args.base = theta0
         dist.barrier()
     rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))
     t0 = time.time()

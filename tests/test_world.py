@@ -356,6 +356,7 @@ def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
     absent buddy of a present shape), the clean rows with the clean one (never); their features are the tower's on
     SENA's forward diffusion of the same images, seeded; and a build with it runs, records it and is refused as the
     default recipe."""
+    import train
     from sena.image import default_image_cfg
     from sena.model import Llava
     from sena.world import build_theta0, recipe_args
@@ -392,8 +393,11 @@ def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
         want = model.vision_hidden(x_t)[:, model.config.first_image_feature:]
     torch.testing.assert_close(f1, want, atol=1e-4, rtol=0)
 
-    over = recipe_args(None, None, [0.5, 300, 900, 1.0])
-    assert over == {"degraded": (0.5, 300, 900, 1.0)}
+    over = train.theta0_recipe(train.parse_args(["--theta0-degraded", "0.5", "300", "900", "1.0"]))
+    assert over == recipe_args(None, None, [0.5, 300, 900, 1.0]) == {"degraded": (0.5, 300, 900, 1.0)}
+    assert train.theta0_recipe(train.parse_args([])) == {}
+    flags = ["--theta0-steps", "3000", "--theta0-vision-noise", "0.5", "0", "1000"]
+    assert train.theta0_recipe(train.parse_args(flags)) == {"steps": 3000, "vision_noise": (0.5, 0, 1000)}
     kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
               vision_steps=2, align_steps=2, vision_batch=4, reading=(("color+exist", 1),))
     path = build_theta0(str(tmp_path / "d"), **kw, **over)
@@ -401,3 +405,6 @@ def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
     assert build_theta0(str(tmp_path / "d"), **kw, **over) == path  # the same recipe reuses it
     with pytest.raises(ValueError, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
         build_theta0(str(tmp_path / "d"), **kw)
+    # train.py says so in one line and exits (no traceback), before touching anything
+    with pytest.raises(SystemExit, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
+        train.main(["--run-dir", str(tmp_path / "d"), "--seed", "3"])
