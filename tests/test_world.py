@@ -361,6 +361,7 @@ def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
     from sena.model import Llava
     from sena.world import build_theta0, recipe_args
     from sena.world.build import TRAIN, degraded_features, model_config, plan_rows
+    from sena.world.build import main as build_main
     from sena.world.encoder import pixels, tower_features
 
     des_only = dict(mix=(1.0, 0, 0, 0, 0))
@@ -408,3 +409,5 @@ def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
     # train.py says so in one line and exits (no traceback), before touching anything
     with pytest.raises(SystemExit, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
         train.main(["--run-dir", str(tmp_path / "d"), "--seed", "3"])
+    with pytest.raises(SystemExit, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
+        build_main(["--out", str(tmp_path / "d"), "--seed", "3"])

@@ -421,8 +421,11 @@ def main(argv=None):
     ap.add_argument("--vision-noise", type=float, nargs=3, metavar=("SHARE", "T_MIN", "T_MAX"), default=None,
                     help="stage 1: noise SHARE of the tower's images at t ~ U[T_MIN, T_MAX), true labels (opt-in)")
     args = ap.parse_args(argv)
-    build_theta0(args.out, seed=args.seed, threads=args.threads,
-                 **recipe_args(args.steps, args.vision_noise, args.degraded))
+    try:
+        build_theta0(args.out, seed=args.seed, threads=args.threads,
+                     **recipe_args(args.steps, args.vision_noise, args.degraded))
+    except ValueError as e:  # a cached θ0 of another seed or recipe: the message names the file and the fix
+        raise SystemExit(f"error: {e}") from None
     # Split seeds differ from the training-scene seed stream, so test scenes are held out.
     for name, n, off in (("pool", args.n_pool, 1000), ("test", args.n_test, 2000)):
         labels = os.path.join(args.out, f"{name}_labels.jsonl")
