@@ -467,7 +467,7 @@ def main(argv=None):
         if dist.rank() == 0:
             try:
                 args.base = world.build_theta0(args.run_dir, seed=args.seed, **theta0_recipe(args))
-            except ValueError as e:  # a cached θ0 of another seed or recipe: the message names the file and the fix
+            except world.RecipeError as e:  # another seed or recipe: the message names the file and the fix
                 raise SystemExit(f"error: {e}") from None
         else:
             args.base = theta0

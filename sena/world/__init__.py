@@ -35,7 +35,7 @@ from sena.world.scenes import (
     sample_scenes,
 )
 
-_LAZY = {"build_theta0", "write_split", "load_scenes", "recipe_args"}
+_LAZY = {"build_theta0", "write_split", "load_scenes", "recipe_args", "RecipeError"}
 
 
 def __getattr__(name):

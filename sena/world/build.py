@@ -285,6 +285,10 @@ def _complete(path) -> bool:
         return bool(json.load(f).get("complete"))
 
 
+class RecipeError(ValueError):
+    """A cached θ0 built with another recipe than the one asked for (the CLIs print it as one line)."""
+
+
 def check_recipe(out, recipe):
     """Refuse a cached θ0 built with another recipe (seed, train, model, noise) than the one asked for: it would be
     reused silently and every number after it would belong to another θ0. Keys an older meta.json does not record
@@ -298,7 +302,7 @@ def check_recipe(out, recipe):
         have = meta.get(part, {})
         diffs += [f"{part}.{k} {have[k]} (asked {v})" for k, v in asked[part].items() if k in have and have[k] != v]
     if diffs:
-        raise ValueError(f"{path}: the cached θ0 was built with {'; '.join(diffs)}. Use another run directory, or "
+        raise RecipeError(f"{path}: the cached θ0 was built with {'; '.join(diffs)}. Use another run directory, or "
                          f"delete {out} to rebuild it")
 
 
@@ -424,7 +428,7 @@ def main(argv=None):
     try:
         build_theta0(args.out, seed=args.seed, threads=args.threads,
                      **recipe_args(args.steps, args.vision_noise, args.degraded))
-    except ValueError as e:  # a cached θ0 of another seed or recipe: the message names the file and the fix
+    except RecipeError as e:  # a cached θ0 of another seed or recipe: the message names the file and the fix
         raise SystemExit(f"error: {e}") from None
     # Split seeds differ from the training-scene seed stream, so test scenes are held out.
     for name, n, off in (("pool", args.n_pool, 1000), ("test", args.n_test, 2000)):
