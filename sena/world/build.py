@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from sena.chat import build_example
 from sena.image import default_image_cfg
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
-from sena.noise import add_diffusion_noise
-from sena.world.encoder import align_projector, cell_targets, lr_at, pixels, pretrain_vision, tower_features
+from sena.world.encoder import align_projector, cell_targets, lr_at, pretrain_vision, tower_features
 from sena.world.render import IMAGE_SIZE, render
 from sena.world.scenes import COOC, sample_scenes
 from sena.world.tasks import Noise, reading_examples, sample_examples
@@ -226,15 +225,11 @@ def make_batches(rng, lengths, batch_size, n_batches):
     return batches
 
 
-@torch.no_grad()
-def degraded_features(model, images, image_cfg, t_min, t_max, rng, chunk=256) -> torch.Tensor:
+def degraded_features(model, images, image_cfg, t_min, t_max, rng) -> torch.Tensor:
     """tower_features of images noised with SENA's forward diffusion, each at its own t ~ U[t_min, t_max)."""
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     t = torch.randint(t_min, t_max, (len(images),), generator=gen)
-    first = model.config.first_image_feature
-    return torch.cat([model.vision_hidden(add_diffusion_noise(pixels(images[s: s + chunk], image_cfg), t[s: s + chunk],
-                                                              generator=gen))[:, first:]
-                      for s in range(0, len(images), chunk)])
+    return tower_features(model, images, image_cfg, t=t, generator=gen)
 
 
 def weights_hash(model) -> str:

@@ -173,12 +173,19 @@ def fit(params, batch_loss, n, rng, steps, batch_size, lr, weight_decay):
 
 
 @torch.no_grad()
-def tower_features(model, images, image_cfg, chunk=256) -> torch.Tensor:
+def tower_features(model, images, image_cfg, chunk=256, t=None, generator=None) -> torch.Tensor:
     """(N, n_image_tokens, Dv): the frozen tower's features LLaVA reads (layer vision_feature_layer, CLS dropped
-    unless the strategy is "full")."""
+    unless the strategy is "full").
+    t: None, or (N,) diffusion steps: image i is seen as x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε (SENA's forward
+    diffusion, sena.noise), ε drawn from generator chunk by chunk."""
     first = model.config.first_image_feature
-    return torch.cat([model.vision_hidden(pixels(images[s: s + chunk], image_cfg))[:, first:]
-                      for s in range(0, len(images), chunk)])
+    feats = []
+    for s in range(0, len(images), chunk):
+        x = pixels(images[s: s + chunk], image_cfg)
+        if t is not None:
+            x = add_diffusion_noise(x, t[s: s + chunk], generator=generator)
+        feats.append(model.vision_hidden(x)[:, first:])
+    return torch.cat(feats)
 
 
 def lr_at(step, steps, lr, warmup):
