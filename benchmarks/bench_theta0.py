@@ -50,10 +50,11 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def gemm_replay(layers, dims, n_answer):
-    """The step's matrix multiplies alone. layers: [(M, [(in, out) per projection])], n_answer: LM-head rows."""
-    for m, shapes in layers:
-        for d_in, d_out in shapes:
+def gemm_replay(m, proj, n_layers, dims, n_answer):
+    """The step's matrix multiplies alone: M = B*T rows through n_layers x proj [(in, out) per projection], and the
+    LM head on n_answer rows. dims holds the operands by shape."""
+    for _ in range(n_layers):
+        for d_in, d_out in proj:
             x, w, g = dims[(m, d_in)], dims[(d_out, d_in)], dims[(m, d_out)]
             torch.mm(x, w.t())  # forward
             torch.mm(g, w)  # grad of the input
@@ -88,7 +89,7 @@ def main(argv=None):
     scenes = sample_scenes(tr["n_images"], seed=rng.randrange(2**31), prefix="train")
     images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in scenes])).permute(0, 3, 1, 2)
     n_tok, img_id = config.n_image_tokens, config.image_token_index
-    rows, owner, batches, phase, first_layer = B.plan_rows(rng, scenes, tok, tr, Noise(), n_tok, img_id)
+    rows, owner, batches, phase, _ = B.plan_rows(rng, scenes, tok, tr, Noise(), n_tok, img_id)
     prefix_len = rows[0][0][0].index(img_id) + n_tok
     data_s = time.perf_counter() - t0
 
@@ -114,9 +115,7 @@ def main(argv=None):
     align_s = projected(align, n_a, tr["align_steps"])
 
     # Stage 2 as the build sets it up.
-    model.model.vision_tower.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(False)
-    model.model.language_model.embed_tokens.requires_grad_(False)
+    B.freeze_image_side(model, tr)
     with torch.no_grad():
         image_features = model.model.multi_modal_projector(feats)
     text = config.text
@@ -145,7 +144,7 @@ def main(argv=None):
             real.append((time.perf_counter() - t) / len(pick))
             t = time.perf_counter()
             for m, n in shapes:
-                gemm_replay([(m, proj)] * text.num_hidden_layers, dims, n)
+                gemm_replay(m, proj, text.num_hidden_layers, dims, n)
             gemm.append((time.perf_counter() - t) / len(pick))
         flops = sum(6 * m * sum(i * o for i, o in proj) * text.num_hidden_layers + 6 * n * D * V
                     for m, n in shapes) / len(shapes)

@@ -232,6 +232,22 @@ def degraded_features(model, images, image_cfg, t_min, t_max, rng) -> torch.Tens
     return tower_features(model, images, image_cfg, t=t, generator=gen)
 
 
+def freeze_image_side(model, tr):
+    """Stage 2's frozen parts: the tower, the aligned projector and, with tr["freeze_embed"], the input embeddings.
+
+    (Trained jointly, the projector lets the language model blow the image tokens up to a large, nearly constant
+    vector within a few hundred steps, and the image content is lost.)
+    The projector wrote each cell's words in the initial embeddings' basis; trained embeddings drift away from it
+    (cosine 0.33 after 800 steps) and the image tokens stop meaning their words (shape 94% -> 56% decodable). Frozen,
+    text and image tokens keep speaking one language; the untied LM head learns freely. (Frozen and tied, the small
+    init embeddings also cap the logits: the warm-up loss stalled at 2.4.)
+    """
+    model.model.vision_tower.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(False)
+    if tr["freeze_embed"]:
+        model.model.language_model.embed_tokens.requires_grad_(False)
+
+
 def weights_hash(model) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -359,17 +375,7 @@ def build_theta0(run_dir, seed=0, noise: Noise | None = None, threads=None, log_
     print(f"theta0: {len(scenes)} images, {n_rows} rows x {tr['per_image']} examples ready in {t_data:.1f}s; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {tr['steps']} steps")
 
-    # Stage 2: the tower and the aligned projector stay frozen; the language model learns the instruction mix.
-    # (Trained jointly, the projector lets the language model blow the image tokens up to a large, nearly constant
-    # vector within a few hundred steps, and the image content is lost.)
-    model.model.vision_tower.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(False)
-    if tr["freeze_embed"]:
-        # The projector wrote each cell's words in the initial embeddings' basis; trained embeddings drift away from
-        # it (cosine 0.33 after 800 steps) and the image tokens stop meaning their words (shape 94% -> 56%
-        # decodable). Frozen, text and image tokens keep speaking one language; the untied LM head learns freely.
-        # (Frozen and tied, the small init embeddings also cap the logits: the warm-up loss stalled at 2.4.)
-        model.model.language_model.embed_tokens.requires_grad_(False)
+    freeze_image_side(model, tr)  # stage 2 trains the language model only
     if deg_idx:  # the noised copies' features go after the clean ones, where plan_rows' owner indices expect them
         feats = torch.cat([feats, degraded_features(model, images[deg_idx], image_cfg, t_min, t_max, drng)])
     with torch.no_grad():
