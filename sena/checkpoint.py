@@ -9,9 +9,10 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sena.cli import UserError
 from sena.model import Llava, ModelConfig
 
 # On-disk prefixes -> in-memory prefixes, first match wins. Covers legacy llava-hf (vision_tower.vision_model.*),
@@ -34,28 +35,97 @@ def _rename(key, table):
     return None
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu"):
+class ModelDirError(UserError):
+    """A file of a model directory is missing or unreadable; the message names the file and the problem."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _read_json(path):
+    """A model directory's JSON file as a dict; an unreadable, empty, invalid or non-object file is refused by name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{path}: cannot be read ({e})") from None
+    if not text.strip():
+        raise ModelDirError(f"{path}: empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def _open_safetensors(fpath):
+    """safe_open, with a truncated or otherwise broken file named (an interrupted download or copy, usually)."""
+    try:
+        return safe_open(fpath, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ModelDirError(f"{fpath}: not a readable safetensors file ({e}); an interrupted download or copy?") \
+            from None
+
+
+def load_tokenizer(path, required=True):
+    """transformers.AutoTokenizer from the directory's tokenizer files; None when it has none and none is required.
+    A corrupt file is named; a set of files that does not load says which ones were there."""
+    present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+    if not present:
+        if required:
+            raise ModelDirError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+        return None
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(path, name)):
+            _read_json(os.path.join(path, name))  # a broken JSON file is named, not reported as a tokenizer error
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types here; each means these files define no tokenizer
+        if "tokenizer.json" not in present:
+            raise ModelDirError(f"{os.path.join(path, 'tokenizer.json')}: missing (the tokenizer files there, "
+                                f"{', '.join(present)}, do not load without it)") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelDirError(f"{path}: the tokenizer files ({', '.join(present)}) do not load: {first}") from e
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu", need_tokenizer=False):
     """Load a local HF LLaVA directory -> (Llava, tokenizer or None, image_cfg dict).
 
     Reads config.json, model.safetensors or model.safetensors.index.json + shards (safetensors only),
-    tokenizer files via transformers.AutoTokenizer if present, preprocessor_config.json (default_image_cfg if absent).
+    tokenizer files via transformers.AutoTokenizer if present (need_tokenizer: refuse a directory without),
+    preprocessor_config.json (default_image_cfg if absent). Any of these missing or corrupt raises ModelDirError
+    naming the file and the problem.
     """
+    path = str(path)
+    if not os.path.isdir(path):
+        raise ModelDirError(f"{path}: no such model directory")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise ValueError(f"{path}: no config.json (not a Hugging Face LLaVA directory)")
-    with open(cfg_path) as f:
-        config = ModelConfig.from_hf_dict(json.load(f))
+        raise ModelDirError(f"{path}: no config.json (not a Hugging Face LLaVA directory)")
+    hf_config = _read_json(cfg_path)
+    try:
+        config = ModelConfig.from_hf_dict(hf_config)
+    except ValueError as e:  # a LLaVA variant this model does not implement; the message names the field
+        raise ModelDirError(f"{cfg_path}: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:  # a field of the wrong type, e.g. text_config a list
+        raise ModelDirError(f"{cfg_path}: a field is missing or of the wrong type ({type(e).__name__}: {e})") from None
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelDirError(f"{index}: no 'weight_map' of tensor names to shard files")
+        files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
-        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json"
-                         + (f" (found {pickles}: pickle checkpoints are not loaded; convert to safetensors)"
-                            if pickles else ""))
+        raise ModelDirError(f"{path}: no model.safetensors or model.safetensors.index.json"
+                            + (f" (found {pickles}: pickle checkpoints are not loaded; convert to safetensors)"
+                               if pickles else ""))
     with torch.device("meta"):  # no memory for random weights we are about to replace
         model = Llava(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -64,8 +134,8 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     for name in files:
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
-            raise ValueError(f"{path}: shard {name} named in model.safetensors.index.json is missing")
-        with safe_open(fpath, framework="pt") as f:
+            raise ModelDirError(f"{path}: shard {name} named in model.safetensors.index.json is missing")
+        with _open_safetensors(fpath) as f:
             for key in f.keys():
                 new = _rename(key, _FROM_DISK)
                 if new is None or new not in expected:
@@ -74,29 +144,23 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
                     continue
                 t = f.get_tensor(key)
                 if t.shape != expected[new]:
-                    raise ValueError(f"{fpath}: {key} has shape {tuple(t.shape)}, config implies "
-                                     f"{tuple(expected[new])}")
+                    raise ModelDirError(f"{fpath}: {key} has shape {tuple(t.shape)}, config.json implies "
+                                        f"{tuple(expected[new])}")
                 state[new] = t.to(device=device, dtype=dtype)
     if tied:
         state["lm_head.weight"] = state.get("model.language_model.embed_tokens.weight")
     missing = [k for k in expected if state.get(k) is None]
     if missing or unexpected:
-        raise ValueError(f"{path} ({', '.join(files)}) does not match config.json: missing keys {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
-                         f"{' ...' if len(unexpected) > 20 else ''}")
+        raise ModelDirError(f"{path} ({', '.join(files)}) does not match config.json: missing keys {missing[:20]}"
+                            f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
+                            f"{' ...' if len(unexpected) > 20 else ''}")
     model.load_state_dict(state, strict=True, assign=True)
     if tied:  # assign=True gave lm_head its own Parameter object; share it again so training keeps them equal
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    tok = None
-    if any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json",
-                                                              "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path, required=need_tokenizer)
     pp = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(pp):
-        with open(pp) as f:
-            image_cfg = json.load(f)
+        image_cfg = _read_json(pp)
     else:
         from sena.image import default_image_cfg
 

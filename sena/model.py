@@ -471,4 +471,4 @@ def _init_weights(m):
 
 # Checkpoint I/O lives in sena/checkpoint.py (kept out of the model file); re-exported so callers import the model
 # and its loader from one place.
-from sena.checkpoint import load_pretrained, save_pretrained  # noqa: E402, F401
+from sena.checkpoint import ModelDirError, load_pretrained, save_pretrained  # noqa: E402, F401
