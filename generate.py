@@ -28,46 +28,56 @@ import time
 import torch
 from tqdm import tqdm
 
-from sena import dist, prompts
+from sena import cli, dist, prompts
 from sena.chat import encode_prompt
 from sena.generation import generate
 from sena.image import load_image, preprocess
-from sena.io import atomic_write_text, list_images
-from sena.model import load_pretrained
+from sena.io import atomic_write_text, list_images, sha256_file, sha256_weights
+from sena.model import ModelDirError, load_pretrained
 from sena.noise import noised_image
 from sena.pairs import FILTERS, extract_questions, mentions_name, pair_filter, parse_improved
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", required=True, help="Hugging Face LLaVA directory of θ(k-1)")
     p.add_argument("--images", help="folder of unlabeled images (png/jpg/...), read in sorted order")
     p.add_argument("--image-list", help="LLaVA-style JSON list of {'image': relative path}; paths under --image-root")
     p.add_argument("--image-root", help="root folder for --image-list paths (default: the JSON's folder)")
-    p.add_argument("--offset", type=int, default=0,
+    p.add_argument("--offset", type=cli.non_negative_int, default=0,
                    help="skip this many images of the sorted list (rounds take disjoint slices)")
-    p.add_argument("--num-images", type=int, default=None, help="use at most this many images (default: all)")
-    p.add_argument("--per-source", type=int, default=None,
+    p.add_argument("--num-images", type=cli.positive_int, default=None,
+                   help="use at most this many images (default: all)")
+    p.add_argument("--per-source", type=cli.positive_int, default=None,
                    help="with --image-list: take this many images from each source (a path's first folder: coco, "
                         "gqa, ocr_vqa, textvqa, vg in LLaVA-665K), seeded by --seed; --offset then counts per source")
     p.add_argument("--out", required=True, help="round directory; pairs.jsonl and report.json go here")
-    p.add_argument("--round", type=int, default=1, help="round index k; seeds the noise and prompt draws")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the run")
+    p.add_argument("--round", type=cli.positive_int, default=1, help="round index k; seeds the noise and prompt draws")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="base seed of the run")
     p.add_argument("--self-check", choices=["image", "text", "off"], default="image",
                    help="self-check turn with the image (paper), text-only (released code) or skipped (ablation)")
     p.add_argument("--no-enhance", action="store_true", help="ablation: chosen = the raw clean answer (no SE)")
-    p.add_argument("--enhance-types", choices=["des,gen", "gen"], default="des,gen",
-                   help="answers that self-enhancement rewrites (paper: both; gen: descriptions stay raw)")
-    p.add_argument("--noise-step", type=int, default=600, help="diffusion step t of the rejected image (of 1000)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per answer, in tokens")
-    p.add_argument("--prefix-cache-gb", type=float, default=2.0,
+    p.add_argument("--enhance-types", choices=["des,gen", "gen"], default="des,gen", metavar="{des,gen | gen}",
+                   help="answers that self-enhancement rewrites: 'des,gen' both (paper), 'gen' the short answers "
+                        "only (descriptions stay raw)")
+    p.add_argument("--noise-step", type=cli.int_in(0, 999), default=600,
+                   help="diffusion step t of the rejected image, of the schedule's 1000 (0..999)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=48,
+                   help="generation limit per answer, in tokens")
+    p.add_argument("--prefix-cache-gb", type=cli.non_negative_float, default=2.0,
                    help="memory (GB) for reusing the system text's and each image's keys/values across stages; "
                         "used only when a shard's images fit (0: off)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; use 1 per process when runs share the cores)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    return p.parse_args(argv)
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    args = p.parse_args(argv)
+    if bool(args.images) == bool(args.image_list):
+        p.error("give one of --images DIR or --image-list JSON")
+    if args.image_list is None and (args.per_source is not None or args.image_root):
+        p.error("--per-source and --image-root go with --image-list")
+    return args
 
 
 @torch.no_grad()
@@ -106,23 +116,26 @@ def run_prompts(model, tok, feats, users, args, stage, keys, with_image=True):
 def load_stage(path, signature):
     """Texts a stage already produced, {key: text}; a stage file written under other settings is refused."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not os.path.exists(path):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"signature": signature}) + "\n")
-        return {}
-    done = {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    head = json.loads(lines[0]) if lines[0] else {}
+    text = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    # A kill inside a write leaves the last line cut short. It is dropped from the file, not just skipped: the
+    # next append would otherwise join the first new record to it and lose that record.
+    whole = text[: text.rfind("\n") + 1]
+    if not whole:  # a new stage, or one whose header never got written whole
+        whole = json.dumps({"signature": signature}) + "\n"
+    if whole != text:
+        atomic_write_text(path, whole)
+    lines = whole.split("\n")
+    head = json.loads(lines[0])
     if head.get("signature") != signature:
-        raise SystemExit(f"{path}: written with other settings ({head.get('signature')} != {signature}); "
-                         "delete the round's stages/ folder to regenerate")
-    for line in lines[1:]:
-        try:  # the last line may be cut short by a kill: everything before it is kept
-            rec = json.loads(line)
-            done[rec["key"]] = rec["text"]
-        except (json.JSONDecodeError, KeyError):
-            continue
+        raise SystemExit(f"error: {path}: written with other settings, model weights or images "
+                         f"({head.get('signature')} != {signature}); delete the round's stages/ folder to regenerate")
+    done = {}
+    for line in lines[1:-1]:
+        rec = json.loads(line)
+        done[rec["key"]] = rec["text"]
     return done
 
 
@@ -183,7 +196,7 @@ def enhanced(args) -> tuple:
 def run_shard(args, paths, root, out):
     """Every stage on one list of images; stage files go to out/stages. Returns (pairs, counts)."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, tok, image_cfg = load_pretrained(args.model, dtype=dtype, device=args.device)
+    model, tok, image_cfg = load_pretrained(args.model, dtype=dtype, device=args.device, need_tokenizer=True)
     model.eval()
     args = argparse.Namespace(**{**vars(args), "out": out})
     counts = dict.fromkeys(COUNTS, 0)
@@ -247,6 +260,37 @@ def run_shard(args, paths, root, out):
     return pairs, counts
 
 
+def round_images(args):
+    """(sorted image paths, root) of this round: a folder, or an image list with its root, offset and counts."""
+    return list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images, args.per_source,
+                       args.seed)
+
+
+def round_inputs(args, paths, root):
+    """What a round's pairs are a function of: the settings, the model's weights and the images' names and bytes.
+
+    Batch size, device, output folder and threads are left out: greedy answers do not depend on how prompts are
+    batched (tests/test_generation.py). Stage files are reused only under the same inputs, and report.json keeps
+    this record so that train.py can tell a round's pairs from stale ones before it trains on them.
+    """
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("batch_size", "device", "out", "prefix_cache_gb", "threads", "signature")}
+    images = hashlib.sha256()
+    for p in paths:
+        images.update(f"{os.path.relpath(p, root)}\0{sha256_file(p)}\n".encode())
+    try:
+        weights = sha256_weights(args.model)
+    except FileNotFoundError as e:
+        raise ModelDirError(str(e)) from None
+    return {"settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
+            "model_sha256": weights, "images_sha256": images.hexdigest(), "n_images": len(paths)}
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads and not args.device.startswith("cuda"):
@@ -254,13 +298,10 @@ def main(argv=None):
     t0 = time.time()
     rank, world = dist.setup()
     os.makedirs(args.out, exist_ok=True)
-    # Stage files from an interrupted run are reused only under the same settings (batch size aside: greedy
-    # answers do not depend on how prompts are batched, tests/test_generation.py).
-    sig = {k: v for k, v in vars(args).items()
-           if k not in ("batch_size", "device", "out", "prefix_cache_gb", "threads")}
-    args.signature = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
-    paths, root = list_images(args.images, args.image_list, args.image_root, args.offset, args.num_images,
-                               args.per_source, args.seed)
+    paths, root = round_images(args)
+    # Stage files from an interrupted run are reused only under the same inputs (round_inputs).
+    inputs = round_inputs(args, paths, root)
+    args.signature = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
     # Under torchrun each rank takes every world-th image and keeps its own stage files; rank 0 merges. Answers
     # depend only on (model, image, seed, round), so N processes give the same pairs as one.
@@ -269,7 +310,7 @@ def main(argv=None):
     if world > 1:
         atomic_write_text(os.path.join(out, "shard.json"), json.dumps({"pairs": pairs, "counts": counts}))
         dist.barrier()
-        shards = [json.load(open(os.path.join(args.out, f"rank_{r}", "shard.json"))) for r in range(world)]
+        shards = [read_json(os.path.join(args.out, f"rank_{r}", "shard.json")) for r in range(world)]
         pairs = sorted((p for s in shards for p in s["pairs"]), key=lambda p: (p["image"], p["type"]))
         counts = {k: sum(s["counts"][k] for s in shards) for k in COUNTS}
     if counts["images"] == 0:
@@ -294,7 +335,8 @@ def main(argv=None):
               "pairs_des": sum(p["type"] == "des" for p in kept), "pairs_gen": sum(p["type"] == "gen" for p in kept),
               "mean_words_chosen": sum(len(p["chosen"].split()) for p in kept) / max(len(kept), 1),
               "mean_words_rejected": sum(len(p["rejected"].split()) for p in kept) / max(len(kept), 1),
-              "settings": {k: v for k, v in vars(args).items() if k != "signature"}, "processes": world,
+              "settings": {k: v for k, v in vars(args).items() if k != "signature"}, "inputs": inputs,
+              "processes": world,
               "seconds": round(time.time() - t0, 1)}
     if rank == 0:
         atomic_write_text(os.path.join(args.out, "pairs.jsonl"), "".join(json.dumps(p) + "\n" for p in kept))
@@ -307,5 +349,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
     dist.shutdown()

@@ -10,7 +10,7 @@ import time
 import torch
 
 from sena.model import load_pretrained
-from tests import tiny
+from tests import scripted, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -30,21 +30,57 @@ def kill_when(cmd, ready, done_path, timeout=120):
 
 
 def lines(path):
-    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def stage_records(folder):
+    """{stage file: sorted lines} of a round's stages/ folder."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name)) as f:
+            out[name] = sorted(f.read().splitlines())
+    return out
 
 
 def test_generate_killed_then_rerun_equals_uninterrupted(tmp_path):
-    base = tiny.model_dir(tmp_path / "base")
+    """Two SIGKILLs at different stages (the scripted decoding kills its own process at its N-th call), a cut last
+    line as a kill inside a write leaves it, then a rerun: the same pairs, and no answer generated twice."""
+    base = scripted.model_dir(tmp_path / "base")
     imgs = tiny.images(tmp_path / "pool", 20)
-    cmd = [sys.executable, "generate.py", "--model", base, "--images", imgs, "--max-new-tokens", "16",
-           "--batch-size", "1", "--round", "1"]
+    cmd = [sys.executable, "-m", "tests.scripted", "--model", base, "--images", imgs, "--max-new-tokens", "96",
+           "--batch-size", "2", "--round", "1"]
     subprocess.run(cmd + ["--out", str(tmp_path / "full")], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    full = tmp_path / "full"
+    with open(full / "report.json") as f:
+        report = json.load(f)
+    assert report["pairs_des"] >= 8 and report["pairs_gen"] >= 4, report  # non-empty pairs of both types
     out = tmp_path / "killed"
-    kill_when(cmd + ["--out", str(out)], lambda: lines(out / "stages" / "ask.jsonl") >= 3, out / "pairs.jsonl")
+    # 10 calls of 2 prompts ask the 20 questions: call 4 dies in the question stage. The rerun counts its calls
+    # from 1 again: 7 finish the questions, 9 self-check the 17 of them, and call 20 dies among the descriptions.
+    for kill_at in (4, 20):
+        res = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, env=dict(ENV, SCRIPTED_KILL_AT=str(kill_at)),
+                             capture_output=True)
+        assert res.returncode == -signal.SIGKILL, res.stderr.decode()[-2000:]
+        assert not (out / "pairs.jsonl").exists()
+    assert lines(out / "stages" / "ask.jsonl") == 1 + 20  # the first kill's work was kept, not redone
+    done = {n: len(v) for n, v in stage_records(out / "stages").items()}
+    assert 1 < sum(done.values()) - len(done) < sum(len(v) - 1 for v in stage_records(full / "stages").values())
+    partial = out / "stages" / "des_clean.jsonl"  # the stage the second kill stopped
+    assert 1 < lines(partial) < lines(full / "stages" / "des_clean.jsonl")
+    with open(partial, "a") as f:
+        f.write('{"key": "img_1')  # a kill inside a write leaves a cut last line
     subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    assert (out / "pairs.jsonl").read_bytes() == (tmp_path / "full" / "pairs.jsonl").read_bytes()
-    # The rerun generated only the missing answers: each stage file holds one line per key plus its header.
-    assert lines(out / "stages" / "ask.jsonl") == 20 + 1
+    assert (out / "pairs.jsonl").read_bytes() == (full / "pairs.jsonl").read_bytes()
+    # The reruns generated only what was missing: each stage file holds the uninterrupted run's lines (the cut line
+    # aside), each key once.
+    got, want = stage_records(out / "stages"), stage_records(full / "stages")
+    assert got.keys() == want.keys()
+    for name in want:
+        kept = [x for x in got[name] if x != '{"key": "img_1']
+        assert kept == want[name], name
 
 
 def test_train_killed_then_rerun_equals_uninterrupted(tmp_path):

@@ -31,9 +31,10 @@ def tokenizer():
                                    unk_token="<unk>", additional_special_tokens=["<image>"])
 
 
-def model_dir(path, seed=0, image_size=32, patch=8):
-    """A random tiny LLaVA saved as a Hugging Face directory with tokenizer and image processor config."""
-    tok = tokenizer()
+def model_dir(path, seed=0, image_size=32, patch=8, tok=None):
+    """A random tiny LLaVA saved as a Hugging Face directory with tokenizer (default: the word tokenizer above) and
+    image processor config."""
+    tok = tok if tok is not None else tokenizer()
     config = ModelConfig(
         VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      image_size=image_size, patch_size=patch),
