@@ -23,6 +23,7 @@ import json
 import os
 import sys
 
+from sena import cli
 from sena import metrics as M
 from sena.io import atomic_write_text, load_json_list, read_jsonl, safe_join
 
@@ -38,12 +39,15 @@ def add_model_args(p):
     p.add_argument("--model", help="Hugging Face LLaVA directory that answers the questions")
     p.add_argument("--image-dir", help="folder holding the benchmark's images (COCO val2014 for POPE, AMBER's)")
     p.add_argument("--out-dir", help="folder for the answer files and metrics")
-    p.add_argument("--suffix", default=LLAVA_SHORT_ANSWER, help="appended to each yes/no question (LLaVA-1.5's)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="new-token cap for AMBER's descriptions")
-    p.add_argument("--max-new-tokens-short", type=int, default=128, help="new-token cap for yes/no answers "
-                   "(LLaVA's model_vqa_loader default)")  # fmt: skip
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--suffix", default=LLAVA_SHORT_ANSWER,
+                   help="appended to each yes/no question (default: %(default)r, LLaVA-1.5's)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=512,
+                   help="new-token cap for AMBER's descriptions")
+    p.add_argument("--max-new-tokens-short", type=cli.positive_int, default=128, help="new-token cap for yes/no "
+                   "answers (LLaVA's model_vqa_loader default)")  # fmt: skip
+    p.add_argument("--device", type=cli.device, default=None,
+                   help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
 
 

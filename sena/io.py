@@ -50,11 +50,13 @@ def sha256_weights(model_dir):
     return h.hexdigest()
 
 
-def read_jsonl(path, required=(), check=None, unique=None):
+def read_jsonl(path, required=(), check=None, unique=None, tally=None, shown=10):
     """Records of a JSONL file. A line that is not a JSON object, lacks a required field, fails `check` (a function
     returning a problem string or None) or repeats an earlier line's `unique` field (the first one counts) is
-    reported as "<file>:<line>: skipping malformed line (<problem>)", skipped and counted: returns (records, n_bad)."""
-    records, bad, seen = [], 0, set()
+    reported as "<file>:<line>: skipping malformed line (<problem>)", skipped and counted: returns (records, n_bad).
+    The first `shown` reports are printed and then one line with the rest's count, so that a file of the wrong kind
+    does not bury the terminal. tally: a dict that receives the counts {"malformed": n, "repeated": n}."""
+    records, seen, counts = [], set(), {"malformed": 0, "repeated": 0}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -67,15 +69,22 @@ def read_jsonl(path, required=(), check=None, unique=None):
             if not problem:
                 missing = [k for k in required if k not in rec]
                 problem = f"missing field(s) {missing}" if missing else check(rec) if check else None
-            if not problem and unique is not None and rec[unique] in seen:
+            repeated = not problem and unique is not None and rec[unique] in seen
+            if repeated:
                 problem = f"repeats {unique} {rec[unique]!r}"
             if problem:
-                print(f"{path}:{n}: skipping malformed line ({problem})", file=sys.stderr)
-                bad += 1
+                counts["repeated" if repeated else "malformed"] += 1
+                if sum(counts.values()) <= shown:
+                    print(f"{path}:{n}: skipping malformed line ({problem})", file=sys.stderr)
                 continue
             if unique is not None:
                 seen.add(rec[unique])
             records.append(rec)
+    bad = sum(counts.values())
+    if bad > shown:
+        print(f"{path}: {bad - shown} more malformed lines skipped ({bad} in all)", file=sys.stderr)
+    if tally is not None:
+        tally.update(counts)
     return records, bad
 
 

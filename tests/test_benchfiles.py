@@ -73,7 +73,7 @@ def test_pope_answers_written_in_the_official_format_and_scored(setup, prompts_s
     assert (res["random"]["n"], res["random"]["n_missing"], res["random"]["n_bad"]) == (3, 2, 0)
     assert (res["adversarial"]["n"], res["adversarial"]["n_missing"]) == (2, 1)
     assert res == E.score_pope_files([rnd, adv], [str(tmp_path / "out" / f"coco_pope_{s}_answers.jsonl")
-                                                  for s in ("random", "adversarial")])  # fmt: skip
+                                                  for s in ("random", "adversarial")], min_answered=0.5)  # fmt: skip
     assert (
         "skipped 3 of 8 questions on 3 images: missing 1 (img_9.png); outside the image folder 1 "
         "(../model/config.json); unreadable 1 (broken.png)"

@@ -80,7 +80,7 @@ def test_pope_scorer_bad_lines(tmp_path, capsys):
         '{"question_id": 9}\n'
         "[1, 2]\n"
     )
-    res = E.score_pope_files([str(q)], [str(a)])
+    res = E.score_pope_files([str(q)], [str(a)], min_answered=0.5)
     err = capsys.readouterr().err
     assert f"{q}:2: skipping malformed line (not valid JSON" in err
     assert f"{q}:3: skipping malformed line (label 'maybe' is not yes/no)" in err
@@ -88,9 +88,61 @@ def test_pope_scorer_bad_lines(tmp_path, capsys):
     assert f"{a}:5: skipping malformed line (not a JSON object)" in err
     assert f"{a}:3: skipping malformed line (repeats question_id 3)" in err
     m = res["random"]
-    assert m["n_bad"] == 5  # 2 question lines, 2 answer lines, 1 repeated id
+    assert m["n_bad"] == 5 and m["n_duplicate"] == 1  # 2 question lines, 2 answer lines, 1 repeated id
     assert m["n"] == 2 and m["n_missing"] == 1  # question 4 has no answer
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 0, 1, 0)
+    assert "left out of the metrics: 1 questions without an answer, 0 answers to no question, 1 repeated" in err
+
+
+def _copy_answers(tmp_path, split, edit):
+    """A copy of the fixture's answer file for `split`, its records passed through edit(list) -> list."""
+    qs, ans = _fixture_paths()
+    i = SPLITS.index(split)
+    with open(ans[i]) as f:
+        recs = [json.loads(line) for line in f]
+    out = tmp_path / f"answers_{split}.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in edit(recs)))
+    return qs[i], str(out)
+
+
+def _refusal(argv):
+    """The one line evaluate.py exits with (through cli.run, as on the command line)."""
+    with pytest.raises(SystemExit) as e:
+        E.cli.run(E.main, argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_pope_files_that_would_mislead_are_refused_with_one_line(tmp_path, capsys):
+    """Ids removed, changed, duplicated, swapped files, an empty or missing file, splits out of order: each is
+    counted and printed, or refused, never scored silently."""
+    q, a = _copy_answers(tmp_path, "random", lambda r: r[:-30] + r[:5])  # 30 unanswered, 5 lines repeated
+    m = E.main(["pope", "--questions", q, "--answers", a])["random"]
+    assert (m["n"], m["n_missing"], m["n_duplicate"], m["n_bad"], m["n_unmatched"]) == (2970, 30, 5, 5, 0)
+    assert "left out of the metrics: 30 questions without an answer, 0 answers to no question, 5 repeated" in \
+        capsys.readouterr().err
+    # Half the ids changed: the answered half alone scores another F1 than the split's; refused by default.
+    q, a = _copy_answers(tmp_path, "random", lambda r: [dict(x, question_id=x["question_id"] + 10**6 * (i % 2))
+                                                        for i, x in enumerate(r)])
+    msg = _refusal(["pope", "--questions", q, "--answers", a])
+    assert "1500 of 3000 questions have an answer (50.0% < --min-answered 95%)" in msg
+    assert "1500 with a question_id of no question" in msg
+    m = E.main(["pope", "--questions", q, "--answers", a, "--min-answered", "0.5"])["random"]  # asked for: scored
+    assert (m["n"], m["n_missing"], m["n_unmatched"]) == (1500, 1500, 1500) and round(100 * m["f1"], 2) == 92.09
+    q, a = _copy_answers(tmp_path, "random", lambda r: [dict(x, question_id=x["question_id"] + 10**6) for x in r])
+    assert "0 of 3000 questions have an answer" in _refusal(["pope", "--questions", q, "--answers", a])
+    q, a = _copy_answers(tmp_path, "random", lambda r: [])  # an empty answer file
+    assert "0 of 3000 questions have an answer (0.0% < --min-answered 95%); 0 valid answer lines" in \
+        _refusal(["pope", "--questions", q, "--answers", a])
+    q, a = _copy_answers(tmp_path, "random", lambda r: r)
+    assert "swapped" in _refusal(["pope", "--questions", a, "--answers", q])
+    assert f"--answers file not found: {a}x" in _refusal(["pope", "--questions", q, "--answers", a + "x"])
+    # The popular split's answers given for the random questions: the same ids, other questions.
+    qs, ans = _fixture_paths()
+    msg = _refusal(["pope", "--questions", *qs, "--answers", ans[1], ans[0], ans[2]])
+    assert "split random" in msg and "answers were given to other questions" in msg and "order of --questions" in msg
+    capsys.readouterr()
 
 
 # ------------------------------------------------------------------------------------------- world benchmarks
