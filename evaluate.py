@@ -523,7 +523,7 @@ def main(argv=None):
         return report_main(argv[1:])
     if argv[:1] == ["amber"]:
         return amber_main(argv[1:])
-    p = cli.Parser(description=__doc__, usage=USAGE)
+    p = cli.Parser(prog="evaluate.py", description=__doc__, usage=USAGE)
     p.add_argument("--model", help="Hugging Face LLaVA directory to evaluate (metrics.json is written inside)")
     p.add_argument("--compare", nargs="+", metavar="DIR_OR_JSON", help="print these metrics.json side by side")
     p.add_argument("--test-dir", default="runs/world/test", help="held-out world images (labels: <dir>_labels.jsonl)")

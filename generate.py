@@ -39,7 +39,7 @@ from sena.pairs import FILTERS, extract_questions, mentions_name, pair_filter, p
 
 
 def parse_args(argv):
-    p = cli.Parser(description=__doc__)
+    p = cli.Parser(prog="generate.py", description=__doc__)
     p.add_argument("--model", required=True, help="Hugging Face LLaVA directory of θ(k-1)")
     p.add_argument("--images", help="folder of unlabeled images (png/jpg/...), read in sorted order")
     p.add_argument("--image-list", help="LLaVA-style JSON list of {'image': relative path}; paths under --image-root")
@@ -270,18 +270,20 @@ def round_inputs(args, paths, root):
     """What a round's pairs are a function of: the settings, the model's weights and the images' names and bytes.
 
     Batch size, device, output folder and threads are left out: greedy answers do not depend on how prompts are
-    batched (tests/test_generation.py). Stage files are reused only under the same inputs, and report.json keeps
-    this record so that train.py can tell a round's pairs from stale ones before it trains on them.
+    batched (tests/test_generation.py). Paths are left out too: the model and the images count by their bytes.
+    Stage files are reused only under the same inputs, and report.json keeps this record so that train.py can tell
+    a round's pairs from stale ones before it trains on them.
     """
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("batch_size", "device", "out", "prefix_cache_gb", "threads", "signature")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "out", "prefix_cache_gb",
+                                                                "threads", "signature", "model", "images",
+                                                                "image_list", "image_root")}
     images = hashlib.sha256()
     for p in paths:
         images.update(f"{os.path.relpath(p, root)}\0{sha256_file(p)}\n".encode())
     try:
         weights = sha256_weights(args.model)
-    except FileNotFoundError as e:
-        raise ModelDirError(str(e)) from None
+    except FileNotFoundError:  # before load_pretrained would say the same
+        raise ModelDirError(f"{args.model}: no model.safetensors or model.safetensors.index.json") from None
     return {"settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
             "model_sha256": weights, "images_sha256": images.hexdigest(), "n_images": len(paths)}
 

@@ -14,13 +14,13 @@ Loss of a batch of B pairs (../shared/SENA.md, step 8):
         = the same sum / number of des pairs        (--ica-reduction des)
 """
 
-import argparse
 import json
 import math
 import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 
 import torch
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import evaluate
 import generate
-from sena import dist
+from sena import cli, dist
 from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
 from sena.io import atomic_write_text, read_jsonl, sha256_file
 from sena.lora import apply_lora, lora_disabled, merge_lora
@@ -44,16 +44,18 @@ ABLATIONS = {  # name -> (self-check, self-enhancement, ICA)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iter", type=int, default=None, help="run only round k (default: rounds 1..--n-iters)")
-    p.add_argument("--n-iters", type=int, default=3, help="number of rounds when --iter is not given")
+    p = cli.Parser(prog="train.py", description=__doc__)
+    p.add_argument("--iter", type=cli.positive_int, default=None,
+                   help="run only round k (default: rounds 1..--n-iters)")
+    p.add_argument("--n-iters", type=cli.positive_int, default=3, help="number of rounds when --iter is not given")
     p.add_argument("--run-dir", default="runs/world", help="run directory; rounds go to <run-dir>/iter_<k>")
     p.add_argument("--base", default=None, help="θ0 as a HF LLaVA dir (default: the embedded world's θ0, built once)")
     p.add_argument("--images", default=None, help="unlabeled image folder for real runs (rounds take disjoint slices)")
     p.add_argument("--image-list", default=None, help="LLaVA-style JSON image list for real runs")
     p.add_argument("--image-root", default=None, help="root folder of --image-list paths")
-    p.add_argument("--images-per-iter", type=int, default=400, help="fresh unlabeled images per round")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world, the noise, data order and LoRA init")
+    p.add_argument("--images-per-iter", type=cli.positive_int, default=400, help="fresh unlabeled images per round")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0,
+                   help="seed of the world, the noise, data order and LoRA init")
     p.add_argument("--theta0-steps", type=int, default=None,
                    help="stage-2 steps of the world's θ0 build (default 2000; more read better, build longer: README)")
     p.add_argument("--theta0-vision-noise", type=float, nargs=3, metavar=("SHARE", "T_MIN", "T_MAX"), default=None,
@@ -65,42 +67,101 @@ def parse_args(argv):
                    help="no-sq: no self-check; no-se: no self-enhancement; no-ica: λ=0; seva: all three off")
     p.add_argument("--self-check", choices=["image", "text"], default="image",
                    help="self-check turn with the image (paper) or text-only (released code)")
-    p.add_argument("--noise-step", type=int, default=600, help="diffusion step t of the rejected image (of 1000)")
-    p.add_argument("--enhance-types", choices=["des,gen", "gen"], default="des,gen",
-                   help="answers self-enhancement rewrites (paper: both; gen: descriptions stay raw, README)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO β")
-    p.add_argument("--dpop", type=float, default=0.0,
+    p.add_argument("--noise-step", type=cli.int_in(0, 999), default=600,
+                   help="diffusion step t of the rejected image, of the schedule's 1000 (0..999)")
+    p.add_argument("--enhance-types", choices=["des,gen", "gen"], default="des,gen", metavar="{des,gen | gen}",
+                   help="answers self-enhancement rewrites: 'des,gen' both (paper), 'gen' the short answers only "
+                        "(descriptions stay raw, README)")
+    p.add_argument("--beta", type=cli.positive_float, default=0.1,
+                   help="DPO β, the inverse temperature of the implicit reward (> 0)")
+    p.add_argument("--dpop", type=cli.non_negative_float, default=0.0,
                    help="ours, not SENA's: DPO-Positive μ, penalising a chosen log-prob below the reference (0 = DPO)")
-    p.add_argument("--ica-weight", type=float, default=1.0, help="λ, the weight of the image-content alignment NLL")
+    p.add_argument("--ica-weight", type=cli.non_negative_float, default=1.0,
+                   help="λ, the weight of the image-content alignment NLL")
     p.add_argument("--ica-reduction", choices=["batch", "des"], default="batch",
                    help="average the ICA term over the whole batch (official) or over des pairs only")
-    p.add_argument("--lr", type=float, default=1e-4,
+    p.add_argument("--lr", type=cli.positive_float, default=1e-4,
                    help="peak learning rate (world LoRA: 1e-4; 1e-3 collapses θ0. Official 7B full FT: 2e-6)")
-    p.add_argument("--epochs", type=int, default=2, help="passes over a round's pairs (official: 1)")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (official: 128)")
-    p.add_argument("--micro-batch-size", type=int, default=16, help="pairs per forward; steps accumulate gradients")
+    p.add_argument("--epochs", type=cli.positive_int, default=2, help="passes over a round's pairs (official: 1)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="pairs per optimizer step (official: 128)")
+    p.add_argument("--micro-batch-size", type=cli.positive_int, default=16,
+                   help="pairs per forward; steps accumulate gradients")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="after warmup: cosine decay to 0, or constant (what the official DeepSpeed config does)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--warmup-ratio", type=cli.fraction, default=0.1, help="share of steps with linear warmup")
+    p.add_argument("--weight-decay", type=cli.non_negative_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
     p.add_argument("--full-ft", action="store_true", help="full fine-tuning of LLM + projector instead of LoRA")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (peers: 128 on 7B)")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA α (scale α/r)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora-r", type=cli.positive_int, default=16, help="LoRA rank (peers: 128 on 7B)")
+    p.add_argument("--lora-alpha", type=cli.positive_float, default=32.0, help="LoRA α (scale α/r)")
+    p.add_argument("--lora-dropout", type=cli.float_in(0, 1, hi_open=True), default=0.0,
+                   help="dropout on the LoRA input")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated language-model Linear names to adapt")
-    p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--reliance-pairs", type=int, default=256,
+    p.add_argument("--gen-batch-size", type=cli.positive_int, default=64, help="prompts per generation batch")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    p.add_argument("--reliance-pairs", type=cli.non_negative_int, default=256,
                    help="pairs scored again on their noised image for the image-reliance telemetry (0: off)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluate.py after each round")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; use 1 per process when runs share the cores)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint trainable weights + optimizer every N steps")
-    p.add_argument("--max-bad-steps", type=int, default=10,
+    p.add_argument("--save-every", type=cli.positive_int, default=50,
+                   help="checkpoint trainable weights + optimizer every N steps")
+    p.add_argument("--max-bad-steps", type=cli.non_negative_int, default=10,
                    help="skip a step with a non-finite loss; stop the run after this many")
-    return p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    args.argv = argv  # for the commands that refusals suggest: the user's own flags
+    check_flags(p, args)
+    check_round_order(args)
+    return args
+
+
+def check_flags(p, args):
+    """What single flags cannot say: flags that go together, and how a batch splits. Refused here, before θ0 is
+    built, a model loaded or a reference pass run."""
+    if args.images and args.image_list:
+        p.error("give one of --images DIR or --image-list JSON, not both")
+    if args.image_root and not args.image_list:
+        p.error("--image-root goes with --image-list")
+    if args.base is not None:
+        if not os.path.isfile(os.path.join(args.base, "config.json")):
+            p.error(f"argument --base: {args.base} is not a Hugging Face LLaVA directory (no config.json)")
+        if not (args.images or args.image_list):
+            p.error("--base needs --images DIR or --image-list JSON")
+    # Each of the torchrun processes takes an equal slice of every batch, in whole micro-batches (train_round).
+    nproc = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % (nproc * args.micro_batch_size):
+        p.error(f"--batch-size {args.batch_size} must split into {nproc} process(es) x whole micro-batches of "
+                f"--micro-batch-size {args.micro_batch_size}")
+
+
+def round_done(run_dir, k):
+    return os.path.exists(os.path.join(run_dir, f"iter_{k}", "meta.json"))
+
+
+def command_for(args, j):
+    """'python train.py --iter j ...' with every other flag the user typed."""
+    has_iter = any(a == "--iter" or a.startswith("--iter=") for a in args.argv)
+    argv = args.argv if has_iter else ["--iter", "0"] + args.argv
+    return f"python train.py {cli.with_flag(argv, '--iter', j)}"
+
+
+def run_first(args, k):
+    """The command that makes the first missing round before round k, and what follows it."""
+    first = next(j for j in range(1, k) if not round_done(args.run_dir, j))
+    then = f" (then --iter {first + 1}{f' .. {k - 1}' if first + 1 < k - 1 else ''})" if first < k - 1 else ""
+    return command_for(args, first) + then
+
+
+def check_round_order(args):
+    """--iter k needs round k-1 finished (its meta.json): checked before θ0 is built or anything is loaded."""
+    k = args.iter
+    if k and k > 1 and not round_done(args.run_dir, k - 1):
+        raise SystemExit(f"error: round {k} needs round {k - 1} finished "
+                         f"({os.path.join(args.run_dir, f'iter_{k - 1}', 'meta.json')} is missing); "
+                         f"run first: {run_first(args, k)}")
 
 
 def git_commit():
@@ -128,34 +189,85 @@ def lr_at(step, total, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def generation_args(args, k, prev, round_dir, world):
+    """generate.py's flags for round k: θ(k-1), this round's slice of the images, the ablation's switches."""
+    self_check, enhance, _ = ABLATIONS[args.ablation]
+    self_check = args.self_check if self_check == "image" else self_check
+    gen_args = ["--model", prev, "--out", round_dir, "--round", str(k), "--seed", str(args.seed),
+                "--self-check", self_check, "--noise-step", str(args.noise_step),
+                "--batch-size", str(args.gen_batch_size), "--device", args.device]
+    if world:
+        gen_args += ["--images", world_pool(world, args.run_dir, k, args.images_per_iter, args.seed)]
+    elif args.images:
+        gen_args += ["--images", args.images, "--offset", str((k - 1) * args.images_per_iter),
+                     "--num-images", str(args.images_per_iter)]
+    else:
+        gen_args += ["--image-list", args.image_list, "--offset", str((k - 1) * args.images_per_iter),
+                     "--num-images", str(args.images_per_iter)] + (
+                        ["--image-root", args.image_root] if args.image_root else [])
+    if not enhance:
+        gen_args.append("--no-enhance")
+    return gen_args + ["--enhance-types", args.enhance_types]
+
+
+def changed_inputs(report, gen_args, k):
+    """What changed since generate.py wrote this round's pairs ('' if nothing did, or if they were made by hand and
+    carry no record): its settings, θ(k-1)'s weights, the images' bytes (generate.round_inputs)."""
+    then = report.get("inputs")
+    if then is None:
+        return ""
+    gargs = generate.parse_args(gen_args)
+    now = generate.round_inputs(gargs, *generate.round_images(gargs))
+    names = {"settings": "generation settings", "model_sha256": f"θ({k - 1}) weights", "images_sha256": "images"}
+    return ", ".join(name for key, name in names.items() if then.get(key) != now[key])
+
+
 def prepare_data(args, k, prev, round_dir, world):
-    """Round k's pairs (generate.py unless present) and the image root they refer to."""
-    pairs_path = os.path.join(round_dir, "pairs.jsonl")
+    """Round k's pairs (generate.py unless present and current) and the image root they refer to.
+
+    Pairs that generate.py wrote are reused only if their inputs are unchanged. Changed inputs with no pairs
+    (say, all images were unreadable, and readable ones were added since) lose nothing: the round is generated
+    again. Changed inputs with pairs are refused with the way out, as they may have cost hours.
+    """
+    pairs_path, report_path = (os.path.join(round_dir, n) for n in ("pairs.jsonl", "report.json"))
+    gen_args = generation_args(args, k, prev, round_dir, world)
+    if os.path.exists(pairs_path):
+        if not os.path.exists(report_path):
+            raise SystemExit(f"error: {report_path} is missing beside pairs.jsonl (it names the image root); "
+                             f"delete {pairs_path} to generate the round again")
+        changed = changed_inputs(read_json(report_path), gen_args, k)
+        has_pairs = any(line.strip() for line in open_lines(pairs_path))
+        if changed and has_pairs:
+            raise SystemExit(f"error: {pairs_path} was generated from other inputs ({changed} changed since); "
+                             f"delete {round_dir} to generate the round again, or use another --run-dir")
+        if changed:
+            say(f"round {k}: {pairs_path} holds no pairs and its inputs changed ({changed}); generating it again")
+            if dist.rank() == 0:
+                for path in (pairs_path, report_path):
+                    os.remove(path)
+                shutil.rmtree(os.path.join(round_dir, "stages"), ignore_errors=True)
+            dist.barrier()
     if not os.path.exists(pairs_path):
-        self_check, enhance, _ = ABLATIONS[args.ablation]
-        self_check = args.self_check if self_check == "image" else self_check
-        gen_args = ["--model", prev, "--out", round_dir, "--round", str(k), "--seed", str(args.seed),
-                    "--self-check", self_check, "--noise-step", str(args.noise_step),
-                    "--batch-size", str(args.gen_batch_size), "--device", args.device]
-        if world:
-            gen_args += ["--images", world_pool(world, args.run_dir, k, args.images_per_iter, args.seed)]
-        elif args.images:
-            gen_args += ["--images", args.images, "--offset", str((k - 1) * args.images_per_iter),
-                         "--num-images", str(args.images_per_iter)]
-        else:
-            gen_args += ["--image-list", args.image_list, "--offset", str((k - 1) * args.images_per_iter),
-                         "--num-images", str(args.images_per_iter)] + (
-                            ["--image-root", args.image_root] if args.image_root else [])
-        if not enhance:
-            gen_args.append("--no-enhance")
-        gen_args += ["--enhance-types", args.enhance_types]
         generate.main(gen_args)
-    with open(os.path.join(round_dir, "report.json")) as f:
-        image_root = json.load(f)["image_root"]
+    report = read_json(report_path)
     pairs, bad = read_jsonl(pairs_path, required=("image", "prompt", "chosen", "rejected", "type"))
     if not pairs:
-        raise SystemExit(f"{pairs_path}: no usable pairs ({bad} malformed) — nothing to train on")
-    return pairs_path, pairs, image_root
+        counts = ", ".join(f"{key} {report[key]}" for key in ("images", "images_unreadable", "questions_kept",
+                                                              "filtered") if key in report)
+        raise SystemExit(f"error: {pairs_path}: no pairs to train on ({bad} malformed lines; {counts or 'no report'})"
+                         f". The round is generated again once its images, θ({k - 1}) or settings change; or delete "
+                         f"{round_dir}")
+    return pairs_path, pairs, report["image_root"]
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def open_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
 
 
 def pair_loss(model, chunk, idx, ref, tok, image_root, image_cfg, args, check):
@@ -372,9 +484,10 @@ def run_round(args, k, world):
         return out_model
     prev = args.base if k == 1 else os.path.join(run_dir, f"iter_{k - 1}", "model")
     dist.barrier()  # θ0, pools and pairs are written by rank 0 or by all ranks together; nobody runs ahead
-    if not os.path.exists(os.path.join(prev, "config.json")):
-        raise SystemExit(f"round {k} needs θ({k - 1}) at {prev}, which is missing; run first: "
-                         f"python train.py --iter {k - 1} --run-dir {run_dir}")
+    if not os.path.exists(os.path.join(prev, "config.json")):  # round k-1 has meta.json (check_round_order)
+        raise SystemExit(f"error: round {k} needs θ({k - 1}) at {prev}, which is missing; delete "
+                         f"{os.path.join(run_dir, f'iter_{k - 1}')} and run: {command_for(args, k - 1)}"
+                         if k > 1 else f"error: θ0 at {prev} is missing")
     os.makedirs(round_dir, exist_ok=True)
     t0 = time.time()
     pairs_path, pairs, image_root = prepare_data(args, k, prev, round_dir, world)
@@ -385,7 +498,8 @@ def run_round(args, k, world):
     precision = str(weight_dtype(args)).removeprefix("torch.") + ("+autocast" if autocast_dtype(args) else "")
     key = cache_key(pairs_path, prev, precision)
     if dist.rank() == 0 and not os.path.exists(ref_path):
-        ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(args), device=args.device)
+        ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(args), device=args.device,
+                                                    need_tokenizer=True)
         ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, args.micro_batch_size, args.device,
                           autocast_dtype(args))
         round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_root, ref)  # before the cache,
@@ -488,5 +602,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
     dist.shutdown()

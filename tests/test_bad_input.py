@@ -97,8 +97,9 @@ def test_checkpoint_with_missing_or_mismatched_files(tmp_path):
     (tmp_path / "m2" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model.safetensors"):
         load_pretrained(other)
-    # train.py stops before any work when the previous round's model is missing, naming what to run.
-    with pytest.raises(SystemExit, match="missing; run first: python train.py --iter 1"):
+    # train.py stops before any work when the previous round is missing, naming what to run with the same flags.
+    with pytest.raises(SystemExit, match=f"meta.json is missing\\); run first: python train.py --iter 1 --base {other} "
+                                         f"--images {tmp_path} --run-dir {tmp_path / 'r'}$"):
         train.main(["--iter", "2", "--base", other, "--images", str(tmp_path), "--run-dir", str(tmp_path / "r")])
 
 
