@@ -359,7 +359,7 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
     if rank == 0:
         kept = []
         if start and os.path.exists(log_path):
-            kept = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] < start]
+            kept = [line + "\n" for line in open_lines(log_path) if line.strip() and json.loads(line)["step"] < start]
         atomic_write_text(log_path, "".join(kept))
     log = open(log_path, "a") if rank == 0 else None
     t_start = time.time()
@@ -387,6 +387,8 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref):
             say(f"iter {k} step {step}: non-finite loss, step skipped ({bad_steps} so far)")
             if bad_steps > args.max_bad_steps:
                 save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
+                if log:
+                    log.close()
                 raise SystemExit(f"round {k}: {bad_steps} non-finite losses (> --max-bad-steps "
                                  f"{args.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
             continue

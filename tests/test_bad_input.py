@@ -122,6 +122,6 @@ def test_non_finite_loss_skips_step_then_stops(tmp_path, monkeypatch, capsys):
                     "--no-eval"])
     out = capsys.readouterr().out
     assert out.count("step skipped") == 3
-    log = [json.loads(x) for x in open(tmp_path / "run" / "iter_1" / "log.jsonl")]
+    log = [json.loads(x) for x in (tmp_path / "run" / "iter_1" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 2, 4] and log[-1]["bad_steps"] == 2  # only good steps are logged
     assert (tmp_path / "run" / "iter_1" / "checkpoint" / "latest.json").exists()  # the work so far is kept

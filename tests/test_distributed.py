@@ -68,7 +68,7 @@ def test_train_two_processes_equal_one(tmp_path):
             subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, check=True, capture_output=True)
         else:
             torchrun("train.py", args, 2)
-        logs[name] = [json.loads(x) for x in open(tmp_path / name / "iter_1" / "log.jsonl")]
+        logs[name] = [json.loads(x) for x in (tmp_path / name / "iter_1" / "log.jsonl").read_text().splitlines()]
     assert len(logs["one"]) == len(logs["two"]) == 4
     # Tolerance: the two runs sum the same fp32 gradients in a different order (per rank, then all-reduce).
     for a, b in zip(logs["one"], logs["two"]):

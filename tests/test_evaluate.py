@@ -3,6 +3,7 @@ scripted answerers whose scores are known, side-by-side comparison, and the data
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -26,9 +27,9 @@ def _fixture_paths():
 
 def _official(question_file, answer_file):
     """The official eval_pope.py procedure written out literally: file order, zip, first sentence, word test."""
-    labels = [json.loads(line)["label"] for line in open(question_file)]
+    labels = [json.loads(line)["label"] for line in Path(question_file).read_text().splitlines()]
     preds = []
-    for line in open(answer_file):
+    for line in Path(answer_file).read_text().splitlines():
         text = json.loads(line)["answer"]
         if text.find(".") != -1:
             text = text.split(".")[0]

@@ -37,7 +37,7 @@ def one_process(tmp_path, base, imgs, epochs):
 
 
 def log(run_dir):
-    return [json.loads(x) for x in open(run_dir / "iter_1" / "log.jsonl")]
+    return [json.loads(x) for x in (run_dir / "iter_1" / "log.jsonl").read_text().splitlines()]
 
 
 def assert_same_run(one, two, run_one, run_two, base):
@@ -84,14 +84,14 @@ def test_full_ft_fsdp_killed_then_resumed_equals_one_process(tmp_path):
            "--master_port", str(free_port()), "train.py", *train_args(base, imgs, run, 2)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0, log_path = time.time(), run / "iter_1" / "log.jsonl"
-    while not (log_path.exists() and sum(1 for _ in open(log_path)) >= 3):
+    while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.time() - t0 < 120
         time.sleep(0.01)
     for pid in [proc.pid, *descendants(proc.pid)]:  # the workers run in their own sessions: kill each by its id
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "iter_1" / "meta.json").exists(), "the run finished before it was killed"
-    saved = json.load(open(run / "iter_1" / "checkpoint" / "latest.json"))["step"]
+    saved = json.loads((run / "iter_1" / "checkpoint" / "latest.json").read_text())["step"]
     res = torchrun("train.py", train_args(base, imgs, run, 2), 2)
     assert f"resuming from {run / 'iter_1' / 'checkpoint'} at step {saved + 1}" in res.stdout
     assert len(one) == 8 and saved < 7

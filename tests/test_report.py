@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_report_is_self_contained_and_marks_answers(run_dir):
-    page = open(os.path.join(run_dir, "report.html"), encoding="utf-8").read()
+    page = Path(run_dir, "report.html").read_text(encoding="utf-8")
     assert not re.search(r"https?:", page) and not re.search(r"""(src|href)\s*=\s*["']?//""", page)
     assert "<script" not in page and "<link" not in page and "url(" not in page and "@import" not in page
     srcs = re.findall(r"<img\b[^>]*?\bsrc=\"([^\"]*)\"", page)

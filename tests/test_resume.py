@@ -26,6 +26,7 @@ def kill_when(cmd, ready, done_path, timeout=120):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     assert not os.path.exists(done_path), "the run finished before it was killed; the test proved nothing"
 
 
@@ -97,8 +98,8 @@ def test_train_killed_then_rerun_equals_uninterrupted(tmp_path):
     kill_when(runs["killed"], lambda: lines(log) >= 5, tmp_path / "killed" / "iter_1" / "meta.json")
     res = subprocess.run(runs["killed"], cwd=ROOT, env=ENV, check=True, capture_output=True, text=True)
     assert "resuming from" in res.stdout
-    full = [json.loads(x) for x in open(tmp_path / "full" / "iter_1" / "log.jsonl")]
-    resumed = [json.loads(x) for x in open(log)]
+    full = [json.loads(x) for x in (tmp_path / "full" / "iter_1" / "log.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(16))
     for a, b in zip(full, resumed):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-6

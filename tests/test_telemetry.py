@@ -83,7 +83,7 @@ def test_round_writes_telemetry(setup, capsys):
     train.main(["--iter", "1", "--base", base, "--images", imgs, "--run-dir", str(run), "--batch-size", "4",
                 "--micro-batch-size", "4", "--epochs", "1", "--no-eval", "--reliance-pairs", "5"])
     assert "telemetry: reference prefers chosen" in capsys.readouterr().out
-    tele = json.load(open(run / "iter_1" / "telemetry.json"))
+    tele = json.loads((run / "iter_1" / "telemetry.json").read_text())
     n_des = sum(r["type"] == "des" for r in rows)
     assert tele["reference_prefers_chosen"]["all"]["n"] == len(rows)
     assert tele["reference_prefers_chosen"]["des"]["n"] == n_des

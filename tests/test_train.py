@@ -46,7 +46,7 @@ def test_round_trains_from_step0_ln2_and_saves(setup, capsys):
                 "--micro-batch-size", "2", "--epochs", "2", "--lr", "1e-2", "--no-eval"])
     out = capsys.readouterr().out
     assert "reference check: cached vs live" in out
-    log = [json.loads(line) for line in open(run / "iter_1" / "log.jsonl")]
+    log = [json.loads(line) for line in (run / "iter_1" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6  # 12 pairs x 2 epochs / 4 pairs per step
     assert abs(log[0]["dpo"] - math.log(2)) < 1e-5  # policy == reference at step 0
     assert abs(log[0]["rewards/margins"]) < 1e-5
@@ -58,7 +58,7 @@ def test_round_trains_from_step0_ln2_and_saves(setup, capsys):
     ref, _, _ = load_pretrained(base)
     diff = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     assert diff > 0  # the merged LoRA changed the weights
-    meta = json.load(open(run / "iter_1" / "meta.json"))
+    meta = json.loads((run / "iter_1" / "meta.json").read_text())
     assert meta["round"] == 1 and meta["inputs"]["reference_cache_key"].startswith("pairs:")
     # A rerun finds the round done; round 3 without round 2 says what to run.
     train.main(["--iter", "1", "--base", base, "--images", imgs, "--run-dir", str(run), "--no-eval"])

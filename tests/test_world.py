@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,7 +198,7 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
               vision_steps=2, align_steps=2, vision_batch=4, reading=(("color+exist", 1),))
     a = build_theta0(str(tmp_path / "a"), **kw)
     b = build_theta0(str(tmp_path / "b"), **kw)
-    meta_a, meta_b = (json.load(open(os.path.join(p, "meta.json"))) for p in (a, b))
+    meta_a, meta_b = (json.loads(Path(p, "meta.json").read_text()) for p in (a, b))
     assert meta_a["weights_sha256"] == meta_b["weights_sha256"]
     with open(os.path.join(a, "model.safetensors"), "rb") as fa, open(os.path.join(b, "model.safetensors"), "rb") as fb:
         assert fa.read() == fb.read()
@@ -402,7 +403,7 @@ def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
     kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
               vision_steps=2, align_steps=2, vision_batch=4, reading=(("color+exist", 1),))
     path = build_theta0(str(tmp_path / "d"), **kw, **over)
-    assert json.load(open(os.path.join(path, "meta.json")))["train"]["degraded"] == [0.5, 300, 900, 1.0]
+    assert json.loads(Path(path, "meta.json").read_text())["train"]["degraded"] == [0.5, 300, 900, 1.0]
     assert build_theta0(str(tmp_path / "d"), **kw, **over) == path  # the same recipe reuses it
     with pytest.raises(ValueError, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
         build_theta0(str(tmp_path / "d"), **kw)
