@@ -317,7 +317,7 @@ def main(argv=None):
         counts = {k: sum(s["counts"][k] for s in shards) for k in COUNTS}
     if counts["images"] == 0:
         dist.shutdown()
-        raise SystemExit(f"no readable images in {args.images or args.image_list} "
+        raise SystemExit(f"error: no readable images in {args.images or args.image_list} "
                          f"(skipped {counts['images_unreadable']})")
 
     # Stage 6: the pair filters, each counted.
