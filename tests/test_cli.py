@@ -47,8 +47,8 @@ BAD_FLAGS = [
     ("train", "--batch-size 16 --micro-batch-size 3",
      "--batch-size 16 must split into 1 process(es) x whole micro-batches of --micro-batch-size 3"),
     ("train", "--enhance-types des", "argument --enhance-types: invalid choice: 'des'"),
-    ("train", "--base {o}", "argument --base: {o} is not a Hugging Face LLaVA directory (no config.json)"),
-    ("train", "--base {m}", "--base needs --images DIR or --image-list JSON"),
+    ("train world", "--base {o}", "argument --base: {o} is not a Hugging Face LLaVA directory (no config.json)"),
+    ("train world", "--base {m}", "--base needs --images DIR or --image-list JSON"),
     ("generate", "--num-images 0", "argument --num-images: 0 is out of range (allowed: an integer >= 1)"),
     ("generate", "--noise-step 1000",
      "argument --noise-step: 1000 is out of range (allowed: an integer from 0 to 999)"),
@@ -71,16 +71,18 @@ if not torch.cuda.is_available():
 
 
 def base_argv(script, m, d, o):
-    """Valid flags for each script, to which a case adds its bad one (argparse keeps the last of a repeated flag)."""
-    return {"train": ["--run-dir", o, "--no-eval"],
+    """Valid flags for each script, to which a case adds its bad one (argparse keeps the last of a repeated flag).
+    train.py gets a tiny --base, so that a refusal that went missing costs a second, not a world θ0 build."""
+    return {"train": ["--base", m, "--images", d, "--run-dir", o, "--no-eval"],
+            "train world": ["--run-dir", o, "--no-eval"],
             "generate": ["--model", m, "--images", d, "--out", o],
             "evaluate": ["--model", m, "--test-dir", o],
             "evaluate pope": ["pope", "--questions", f"{d}/q.jsonl", "--answers", f"{d}/a.jsonl"],
             "evaluate report": ["report", o]}[script]
 
 
-MAINS = {"train": train.main, "generate": generate.main, "evaluate": evaluate.main, "evaluate pope": evaluate.main,
-         "evaluate report": evaluate.main}
+MAINS = {"train": train.main, "train world": train.main, "generate": generate.main, "evaluate": evaluate.main,
+         "evaluate pope": evaluate.main, "evaluate report": evaluate.main}
 
 
 @pytest.fixture(scope="module")

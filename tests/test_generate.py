@@ -6,8 +6,12 @@ import json
 import os
 
 import pytest
+import torch
 
 import generate
+from sena.image import load_image, preprocess
+from sena.model import load_pretrained
+from sena.noise import noised_image
 from tests import scripted, tiny
 
 MIN_PAIRS = 4  # of each type; the scripted model gives 11 des and 5 gen pairs on these 20 images
@@ -51,6 +55,22 @@ def test_generate_is_deterministic_and_counts_add_up(tmp_path):
     with open(tmp_path / "a" / "report.json") as f:
         report = json.load(f)
     assert report["pairs"] == len(pairs) and report["pairs_des"] == sum(p["type"] == "des" for p in pairs)
+
+
+def test_each_answer_belongs_to_its_image_and_prompt(tmp_path):
+    """Stages sort prompts by length and resume from files; every answer must still land on its own image: each
+    pair's clean and noised answers equal the scripted reply computed here, image by image, from scratch."""
+    run(tmp_path, "a")
+    model, _, image_cfg = load_pretrained(str(tmp_path / "base"))
+    pairs = read_pairs(tmp_path / "a" / "pairs.jsonl")
+    assert len(pairs) >= 2 * MIN_PAIRS
+    for p in pairs:
+        x = preprocess(load_image(tmp_path / "pool" / p["image"]), image_cfg)
+        noised = noised_image(x, 600, 0, p["image"], 2)
+        with torch.no_grad():
+            clean_key, noised_key = (scripted.image_key(model.encode_images(t[None])[0]) for t in (x, noised))
+        assert p["chosen_raw"] == scripted.reply(p["prompt"], clean_key)[:96], p["id"]
+        assert p["rejected"] == scripted.reply(p["prompt"], noised_key)[:96], p["id"]
 
 
 def test_generate_reads_only_images_and_skips_bad_ones(tmp_path, monkeypatch, capsys):
