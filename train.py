@@ -1,6 +1,6 @@
 """SENA self-evolution: round k turns θ(k-1) into θ(k) with DPO + λ·ICA on the model's own preference pairs.
 
-    python train.py                 # the embedded world: build θ0 if needed, run rounds 1..3, print the table
+    python train.py                 # the embedded world: the shipped θ0, rounds 1..3, the table
     python train.py --iter 2        # one round (round 1 must exist); then --iter 3, ...
     python train.py --base /models/llava-1.5-7b-hf --images /data/coco --iter 1 --run-dir runs/coco
 
@@ -49,20 +49,18 @@ def parse_args(argv):
                    help="run only round k (default: rounds 1..--n-iters)")
     p.add_argument("--n-iters", type=cli.positive_int, default=3, help="number of rounds when --iter is not given")
     p.add_argument("--run-dir", default="runs/world", help="run directory; rounds go to <run-dir>/iter_<k>")
-    p.add_argument("--base", default=None, help="θ0 as a HF LLaVA dir (default: the embedded world's θ0, built once)")
+    p.add_argument("--base", default=None, help="θ0 as a HF LLaVA dir, for real runs (default: the world's θ0)")
     p.add_argument("--images", default=None, help="unlabeled image folder for real runs (rounds take disjoint slices)")
     p.add_argument("--image-list", default=None, help="LLaVA-style JSON image list for real runs")
     p.add_argument("--image-root", default=None, help="root folder of --image-list paths")
     p.add_argument("--images-per-iter", type=cli.positive_int, default=400, help="fresh unlabeled images per round")
     p.add_argument("--seed", type=cli.non_negative_int, default=0,
                    help="seed of the world, the noise, data order and LoRA init")
-    p.add_argument("--theta0-steps", type=int, default=None,
-                   help="stage-2 steps of the world's θ0 build (default 2000; more read better, build longer: README)")
-    p.add_argument("--theta0-vision-noise", type=float, nargs=3, metavar=("SHARE", "T_MIN", "T_MAX"), default=None,
-                   help="world θ0 build: stage 1 sees SHARE of its images noised at t ~ U[T_MIN, T_MAX) (opt-in)")
-    p.add_argument("--theta0-degraded", type=float, nargs=4, metavar=("SHARE", "T_MIN", "T_MAX", "RATE"),
-                   default=None, help="world θ0 build: stage 2 also sees SHARE of its images noised at t ~ U[T_MIN, "
-                                      "T_MAX), their descriptions naming an absent buddy at RATE (positive control)")
+    p.add_argument("--theta0", default=None,
+                   help="world θ0 directory to start from (default: the one the repository ships, sena/world/theta0)")
+    p.add_argument("--rebuild-theta0", action="store_true",
+                   help="build a fresh world θ0 from --seed in the run directory instead (python -m sena.world.build; "
+                        "minutes on a GPU, about an hour on 2 CPU cores)")
     p.add_argument("--ablation", choices=list(ABLATIONS), default="none",
                    help="no-sq: no self-check; no-se: no self-enhancement; no-ica: λ=0; seva: all three off")
     p.add_argument("--self-check", choices=["image", "text"], default="image",
@@ -493,6 +491,8 @@ def run_round(args, k, world):
     os.makedirs(round_dir, exist_ok=True)
     t0 = time.time()
     pairs_path, pairs, image_root = prepare_data(args, k, prev, round_dir, world)
+    if world and dist.rank() == 0:
+        world_pair_scores(world, args.run_dir, k, round_dir, pairs)
     t_data = time.time()
 
     # Reference log-probs: once per round, keyed by the pairs' and the reference weights' hashes and the precision.
@@ -549,6 +549,21 @@ def round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_
     say(summary_line(tele))
 
 
+def world_pair_scores(world, run_dir, k, round_dir, pairs):
+    """World runs only: the round's pairs against the pool's scene records (sena.world.bench.score_pairs), to
+    iter_k/pair_scores.json and one line. SENA never reads these labels; they measure what its data teaches."""
+    from sena.world.bench import score_pairs
+
+    labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
+    if not os.path.isfile(labels):
+        return
+    s = score_pairs(pairs, {sc["image"]: sc for sc in world.load_scenes(labels)})
+    atomic_write_text(os.path.join(round_dir, "pair_scores.json"), json.dumps(s, indent=2))
+    say(f"round {k} pairs vs labels: chosen correct {s['chosen_correct']:.1%}, rejected wrong {s['rejected_wrong']:.1%}"
+        f"; des naming absent buddies / other absent shapes: chosen {s['des_chosen_buddies']} / "
+        f"{s['des_chosen_others']}, rejected {s['des_rejected_buddies']} / {s['des_rejected_others']}")
+
+
 def world_pool(world, run_dir, k, n, seed):
     """Round k's fresh unlabeled world images; their scene records go to a folder SENA never reads from."""
     pool = os.path.join(run_dir, "pool", f"iter_{k}")
@@ -558,13 +573,6 @@ def world_pool(world, run_dir, k, n, seed):
         world.write_split(pool, n, seed=seed * 1000 + k, prefix=f"pool{k}", labels_path=labels)
     dist.barrier()
     return pool
-
-
-def theta0_recipe(args) -> dict:
-    """The world θ0's TRAIN overrides from the --theta0-* flags (none given: the default recipe)."""
-    from sena import world
-
-    return world.recipe_args(args.theta0_steps, args.theta0_vision_noise, args.theta0_degraded)
 
 
 def main(argv=None):
@@ -578,15 +586,17 @@ def main(argv=None):
     elif not (args.images or args.image_list):
         raise SystemExit("--base needs --images DIR or --image-list JSON")
     os.makedirs(args.run_dir, exist_ok=True)
-    if world:  # θ0 is built once (rank 0) and cached in the run directory; from here on it is just --base
-        theta0 = os.path.join(args.run_dir, "theta0")  # where build_theta0 caches it
+    if world:  # θ0: a checked copy of the shipped one (or a fresh build) in the run directory; then just --base
+        theta0 = os.path.join(args.run_dir, "theta0")
         if dist.rank() == 0:
             try:
-                args.base = world.build_theta0(args.run_dir, seed=args.seed, **theta0_recipe(args))
-            except world.RecipeError as e:  # another seed or recipe: the message names the file and the fix
+                if args.rebuild_theta0:
+                    world.build_theta0(theta0, seed=args.seed, device=args.device)
+                else:
+                    world.install_theta0(args.run_dir, args.theta0 or world.SHIPPED_THETA0)
+            except (world.RecipeError, world.Theta0Error) as e:  # the message names the file and the fix
                 raise SystemExit(f"error: {e}") from None
-        else:
-            args.base = theta0
+        args.base = theta0
         dist.barrier()
     rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))
     t0 = time.time()

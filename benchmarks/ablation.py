@@ -3,29 +3,31 @@ several seeds, as one table of mean ± spread (θ0 → after the last round).
 
     python benchmarks/ablation.py --seeds 0 1 2 --variants none no-sq no-se no-ica seva --jobs 2
 
-Each (seed, variant) is `python train.py --run-dir runs/ablation/s<seed>-<variant> --seed <seed> --ablation <v>`;
-all variants of a seed share that seed's θ0 (built once, copied), pools and test set, so they differ only in the
-ablated component. Runs are resumable (train.py skips finished rounds). Writes runs/ablation/table.json.
+Each (seed, variant) is `python train.py --run-dir runs/ablation/s<seed>-<variant> --seed <seed> --ablation <v>`:
+every run starts from the same θ0 (the shipped one, or --train-args "--theta0 DIR"), and the seed sets the pools, the
+noise, the data order and the LoRA init, so a seed's variants differ only in the ablated component. Runs are
+resumable (train.py skips finished rounds). Prints the table after the last round and the per-round curve; writes
+<out>/table.json.
 """
 
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from evaluate import LOWER_IS_BETTER, summary  # noqa: E402
+from sena.world.bench import LOWER_IS_BETTER, shown, summary  # noqa: E402
 
 ROWS = ["pope_adversarial_f1", "pope_adversarial_yes", "pope_popular_f1", "pope_random_f1", "chair_i", "chair_s",
         "chair_recall", "amber_f1_all", "amber_score", "vqa_overall", "vqa_color", "vqa_shape", "vqa_count",
-        "vqa_position", "improve_before_correct", "improve_after_correct", "sq_answerable_checked"]
+        "vqa_position", "improve_before_correct", "improve_after_correct", "sq_answerable_checked", "des_words",
+        "fmt_ask_question", "fmt_self_check", "fmt_improve"]
+CURVE = ["chair_i", "chair_recall", "pope_adversarial_f1", "vqa_overall", "amber_score", "des_words"]
 
 
 def run(cmd, log, threads):
@@ -50,9 +52,6 @@ def main(argv=None):
 
     def one(seed, variant):
         run_dir = os.path.join(out, f"s{seed}-{variant}")
-        shared = os.path.join(out, f"s{seed}-none", "theta0")
-        if variant != "none" and os.path.isdir(shared) and not os.path.isdir(os.path.join(run_dir, "theta0")):
-            shutil.copytree(shared, os.path.join(run_dir, "theta0"))  # same θ0 for every variant of a seed
         cmd = [sys.executable, "train.py", "--run-dir", run_dir, "--seed", str(seed), "--ablation", variant,
                "--n-iters", str(args.n_iters), *args.train_args.split()]
         os.makedirs(run_dir, exist_ok=True)
@@ -60,50 +59,47 @@ def main(argv=None):
         print(f"seed {seed} {variant}: exit {rc}", flush=True)
         return rc
 
-    # A seed's variants start once its 'none' run has built θ0 (and copy it); the pool's FIFO queue starts every
-    # 'none' run before any variant, so a waiting variant never blocks one, and no worker idles while work is ready.
-    built = {s: threading.Event() for s in args.seeds}
-
-    def job(seed, variant):
-        if variant == "none":
-            try:
-                return one(seed, variant)
-            finally:
-                built[seed].set()
-        if "none" in args.variants:
-            built[seed].wait()
-        return one(seed, variant)
-
-    jobs = [(s, "none") for s in args.seeds if "none" in args.variants]
-    jobs += [(s, v) for s in args.seeds for v in args.variants if v != "none"]
+    jobs = [(s, v) for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda sv: job(*sv), jobs))
+        list(pool.map(lambda sv: one(*sv), jobs))
     table(out, args.seeds, args.variants, args.n_iters)
 
 
+def metrics(out, seed, variant, k):
+    """summary() of run s<seed>-<variant> after round k (0: its θ0), or None if that model was not evaluated."""
+    run_dir = os.path.join(out, f"s{seed}-{variant}")
+    f = os.path.join(run_dir, "theta0" if k == 0 else os.path.join(f"iter_{k}", "model"), "metrics.json")
+    return summary(json.load(open(f))) if os.path.exists(f) else None
+
+
+def mean_sd(ms, row):
+    """(mean, population sd, n) of one row over the runs that have it."""
+    xs = [m[row] for m in ms if m is not None]
+    return (statistics.mean(xs), statistics.pstdev(xs), len(xs)) if xs else None
+
+
 def table(out, seeds, variants, n_iters):
-    """Mean ± spread (population std over seeds) of θ0 and of each variant after the last round."""
-    cols = {"θ0": []}
+    """Mean ± spread (population std over seeds) of θ0 and of each variant after the last round, then every
+    variant's per-round curve of the headline rows."""
+    cols = {"θ0": [metrics(out, s, v, 0) for s in seeds for v in variants[:1]]}
     for v in variants:
-        cols[v] = []
-    for s in seeds:
-        base = os.path.join(out, f"s{s}-none", "theta0", "metrics.json")
-        if os.path.exists(base):
-            cols["θ0"].append(summary(json.load(open(base))))
-        for v in variants:
-            f = os.path.join(out, f"s{s}-{v}", f"iter_{n_iters}", "model", "metrics.json")
-            if os.path.exists(f):
-                cols[v].append(summary(json.load(open(f))))
-    res = {c: {r: (statistics.mean(x[r] for x in ms), statistics.pstdev(x[r] for x in ms), len(ms))
-               for r in ROWS} for c, ms in cols.items() if ms}
+        cols[v] = [metrics(out, s, v, n_iters) for s in seeds]
+    res = {c: {r: mean_sd(ms, r) for r in ROWS} for c, ms in cols.items() if any(ms)}
     names = {"none": "SENA", "no-sq": "w/o SQ", "no-se": "w/o SE", "no-ica": "w/o ICA", "seva": "SeVa-style"}
     print(f"{'metric (%), mean ± sd':<24}" + "".join(f"{names.get(c, c) + f' (n={v[ROWS[0]][2]})':>18}"
                                                   for c, v in res.items()))
     for r in ROWS:
         print(f"{r + (' ↓' if r in LOWER_IS_BETTER else ''):<24}" + "".join(
-            f"{100 * v[r][0]:>11.1f} ± {100 * v[r][1]:<4.1f}" for v in res.values()))
+            f"{shown(r, v[r][0]):>11.1f} ± {shown(r, v[r][1]):<4.1f}" if v[r] else f"{'-':>18}" for v in res.values()))
+    curve = {v: {k: {r: mean_sd([metrics(out, s, v, k) for s in seeds], r) for r in CURVE}
+                 for k in range(n_iters + 1)} for v in variants}
+    print(f"\nper round (mean over seeds): {', '.join(CURVE)}")
+    for v in variants:
+        cells = [" / ".join("-" if curve[v][k][r] is None else f"{shown(r, curve[v][k][r][0]):.1f}" for r in CURVE)
+                 for k in range(n_iters + 1)]
+        print(f"{names.get(v, v):<12}" + "".join(f"{f'iter {k}: ' + c:>34}" for k, c in enumerate(cells)))
     with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump(res, f, indent=2)
+        json.dump({"final": res, "curve": curve}, f, indent=2)
 
 
 if __name__ == "__main__":

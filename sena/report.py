@@ -21,6 +21,7 @@ import time
 from PIL import Image
 
 from sena.io import atomic_write_text, read_jsonl, safe_join
+from sena.world.bench import shown
 
 # Panels of the curve figure: title -> log.jsonl keys drawn in it (train.py writes the usual DPO keys).
 CURVES = (("loss", ("loss", "dpo", "ica")), ("reward margin", ("rewards/margins",)),
@@ -224,6 +225,10 @@ def data_report(rounds, score_pairs):
         for key in ("question_raw_answerable", "question_answerable", "chosen_correct", "rejected_wrong",
                     "gen_chosen_correct", "gen_rejected_wrong", "des_chosen_correct", "des_rejected_wrong"):
             rows.append([f"world: {key.replace('_', ' ')}", *[fmt(s.get(key), 1) for s in scored]])
+        for side in ("chosen", "rejected"):  # the noised answers should name the absent buddies (the prior's guesses)
+            rows.append([f"world: absent buddies / other absent shapes named ({side}, des)",
+                         *[f"{s[f'des_{side}_buddies']} / {s[f'des_{side}_others']}" if s else fmt(None)
+                           for s in scored]])
     return table(["stage / filter", *[f"iter {r['k']}" for r in rounds]], rows)
 
 
@@ -296,7 +301,7 @@ def benchmarks(run_dir, rounds, summary, lower_is_better):
         if m is None:
             return None
         try:
-            return {k: 100 * v for k, v in summary(m).items()} if summary else flatten(m)
+            return {k: shown(k, v) for k, v in summary(m).items()} if summary else flatten(m)
         except (KeyError, TypeError):
             return flatten(m)
 

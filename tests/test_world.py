@@ -5,7 +5,6 @@ import json
 import os
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from sena.chat import encode_prompt
 from sena.world import (
     BUDDIES,
     COOC,
-    SHAPES,
     absent_buddies,
     buddy_rate,
     describe,
@@ -186,6 +184,7 @@ def test_write_split_pool_holds_only_images(tmp_path):
 
 TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2,
             text_kv_heads=1, text_intermediate=64)
+TINY_TRAIN = dict(steps=5, n_scenes=40, per_image=2, batch_size=4, vision_steps=3, vision_batch=4, warmup=2)
 
 
 def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, capsys):
@@ -193,24 +192,28 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
 
     from sena.model import load_pretrained
     from sena.world import build_theta0
+    from sena.world.build import weights_hash
 
-    kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
-              vision_steps=2, align_steps=2, vision_batch=4, reading=(("color+exist", 1),))
+    kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, evaluate=False, **TINY_TRAIN)
     a = build_theta0(str(tmp_path / "a"), **kw)
     b = build_theta0(str(tmp_path / "b"), **kw)
-    meta_a, meta_b = (json.loads(Path(p, "meta.json").read_text()) for p in (a, b))
+    meta_a, meta_b = (json.load(open(os.path.join(p, "meta.json"))) for p in (a, b))
     assert meta_a["weights_sha256"] == meta_b["weights_sha256"]
     with open(os.path.join(a, "model.safetensors"), "rb") as fa, open(os.path.join(b, "model.safetensors"), "rb") as fb:
         assert fa.read() == fb.read()
+    c = build_theta0(str(tmp_path / "c"), **(kw | dict(seed=4)))
+    assert json.load(open(os.path.join(c, "meta.json")))["weights_sha256"] != meta_a["weights_sha256"]
     capsys.readouterr()
     assert build_theta0(str(tmp_path / "a"), **kw) == a and "reusing" in capsys.readouterr().out
     # A cached θ0 of another seed or recipe is refused, naming the file and what differs (never reused silently).
-    for over, says in ((dict(seed=4), "seed 3 (asked 4)"), (dict(steps=5), "train.steps 3 (asked 5)"),
+    for over, says in ((dict(seed=4), "seed 3 (asked 4)"), (dict(steps=6), "train.steps 5 (asked 6)"),
                        (dict(model_over=TINY | dict(text_layers=2)), "model.text_layers 1 (asked 2)")):
         with pytest.raises(ValueError, match=re.escape(says)) as e:
             build_theta0(str(tmp_path / "a"), **(kw | over))
         assert os.path.join(a, "meta.json") in str(e.value)
     ours, tok, _ = load_pretrained(a)
+    assert weights_hash(ours) == meta_a["weights_sha256"]  # what meta.json says is what loads
+    assert sorted(meta_a["files_sha256"]) == sorted(f for f in os.listdir(a) if f != "meta.json")
     hf = LlavaForConditionalGeneration.from_pretrained(a).eval()
     ids = torch.tensor([encode_prompt(tok, "Describe the image concisely.", ours.config.n_image_tokens,
                                       ours.config.image_token_index)])
@@ -218,31 +221,70 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids, pixel_values=pv).logits, ours(ids, pixel_values=pv), atol=1e-5)
     assert "<image>" in tok.get_vocab() and len(tok) == ours.config.text.vocab_size
-    assert SHAPES  # the world constants are importable beside the builder
 
 
-def test_reading_warmup_runs_one_type_after_another_then_the_mix(tok):
-    from sena.world.build import TRAIN, plan_rows
+def test_stage2_batches_are_a_function_of_seed_and_step_not_of_workers(tok):
+    """MixWindows: the same (seed, window) gives the same batches in any process and with any number of DataLoader
+    workers; every step gets batch_size rows of per_image examples; the noised share and its t range hold."""
+    from sena.world.build import TRAIN
+    from sena.world.data import WINDOW, MixWindows
 
-    tr = TRAIN | dict(steps=9, batch_size=3, per_image=2, reading=(("color", 1), ("exist", 3, 2), ("shape", 2)))
-    scenes = sample_scenes(10, seed=2)
-    n_tok, img_id = 9, tok.convert_tokens_to_ids("<image>")
-    rows, owner, batches, phase, first_layer = plan_rows(random.Random(0), scenes, tok, tr, Noise(), n_tok, img_id)
-    assert phase == ["color"] * 1 + ["exist"] * 3 + ["shape"] * 2 + ["mix"] * 3
-    assert first_layer == [0, 2, 2, 2, 0, 0, 0, 0, 0]
-    assert sorted(i for b in batches for i in b) == list(range(27)) and all(len(b) == 3 for b in batches)
-    assert owner == [i % len(scenes) for i in range(27)]
-    for step, b in enumerate(batches[:6]):  # every warm-up example asks its phase's question type
-        for i in b:
-            for ids, _ in rows[i]:
-                prompt = tok.decode(ids[ids.index(img_id) + n_tok:][:12]).strip()
-                assert question_type(prompt) == phase[step], (step, prompt)
+    tr = TRAIN | dict(steps=2 * WINDOW + 3, batch_size=4, per_image=3, stage2_noise=(0.3, 1, 1000))
+    scenes = sample_scenes(50, seed=2)
+    img_id = tok.convert_tokens_to_ids("<image>")
+    data = MixWindows(scenes, tok, tr, Noise(), 10, img_id, seed=7)
+
+    def flat(windows):
+        return [b for w in windows for b in w]
+
+    inline = flat(data[w] for w in range(len(data)))
+    assert len(data) == 3 and len(inline) == tr["steps"]
+    workers = flat(torch.utils.data.DataLoader(MixWindows(scenes, tok, tr, Noise(), 10, img_id, seed=7),
+                                               batch_size=None, num_workers=2))
+    assert len(workers) == len(inline)
+    for a, b in zip(inline, workers):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = flat(MixWindows(scenes, tok, tr, Noise(), 10, img_id, seed=8)[w] for w in range(len(data)))
+    assert not torch.equal(torch.cat([b["image"] for b in inline]), torch.cat([b["image"] for b in other]))
+    t = torch.cat([b["t"] for b in inline])
+    assert all(b["input_ids"].shape[0] == 4 and int(b["example"].max()) == 3 for b in inline)
+    assert 0.1 < (t > 0).float().mean() < 0.5 and int(t.max()) < 1000 and int(t[t > 0].min()) >= 1
+    for b in inline:  # every row holds one image's tokens once, and 3 examples behind it
+        assert ((b["input_ids"] == img_id).sum(1) == 10).all()
+
+
+def test_stage2_features_noise_only_the_rows_marked_noised():
+    """stage2_features: a row with t = 0 sees the clean image, bit for bit; a row with t > 0 sees
+    x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε (sena.noise.add_diffusion_noise) with ε drawn from the build's generator."""
+    import numpy as np
+
+    from sena.image import default_image_cfg
+    from sena.model import Llava
+    from sena.noise import add_diffusion_noise
+    from sena.world.build import model_config, stage2_features
+    from sena.world.encoder import pixels
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = Llava(model_config(tok, **TINY)).eval()
+    cfg = default_image_cfg(72)
+    images = torch.from_numpy(np.stack([np.asarray(render(sc)) for sc in sample_scenes(4, seed=1)])).permute(0, 3, 1, 2)
+    batch = {"image": torch.tensor([2, 0, 3]), "t": torch.tensor([0, 600, 0])}
+    with torch.no_grad():
+        got = stage2_features(model, images, batch, cfg, torch.Generator().manual_seed(9), "cpu")
+        clean = model.encode_images(pixels(images[[2, 3]], cfg))
+        gen = torch.Generator().manual_seed(9)
+        x = add_diffusion_noise(pixels(images[[0]], cfg), torch.tensor([600]), generator=gen)
+        noised = model.encode_images(x)
+    assert torch.equal(got[[0, 2]], clean) and torch.allclose(got[1:2], noised, atol=1e-6)
+    assert not torch.allclose(got[1:2], model.encode_images(pixels(images[[0]], cfg)), atol=1e-3)
 
 
 def test_shared_prefix_packing_equals_unpacked_loss_and_grads():
     from sena.chat import build_example, collate
     from sena.model import Llava
-    from sena.world.build import answer_loss, model_config, pack_rows
+    from sena.world.build import answer_loss, model_config
+    from sena.world.data import pack_rows
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -288,41 +330,9 @@ def test_theta0_sees_the_pixels_sena_sees(tmp_path):
         assert torch.allclose(preprocess(load_image(path), cfg), ours[n], atol=1e-6)
 
 
-def test_free_bag_directions_are_orthogonal_to_the_cell_words():
-    from sena.world.encoder import free_directions
-
-    words = torch.randn(30, 64, generator=torch.Generator().manual_seed(0)) * 0.02
-    d = free_directions(words, 8)
-    assert d.shape == (8, 64)
-    assert (d @ words.T).abs().max() < 1e-6 * (d.norm() * words.norm())  # orthogonal to every word row
-    assert torch.allclose(d.norm(dim=1), words.norm(dim=1).mean().expand(8), rtol=1e-5)
-    assert torch.equal(d, free_directions(words, 8))  # fixed by its seed
-    assert torch.linalg.matrix_rank(d.double()) == 8  # one distinct direction per shape
-
-
-def test_align_targets_write_cell_words_and_the_bag_where_asked(tok):
-    """Stage 1b's targets on the hand scene, by hand: a cell's token = scale x the sum of its words' embeddings; the
-    bag (scale x bag x the present shapes' embeddings) goes into every token, or into the CLS token alone."""
-    from sena.world.encoder import align_targets
-
-    embed = torch.randn(len(tok), 16, generator=torch.Generator().manual_seed(0))
-    E = lambda *ws: embed[[tok.convert_tokens_to_ids("▁" + w) for w in ws]].sum(0)  # noqa: E731
-    bag = 0.5 * 2.0 * E("circle", "star", "square")
-    cells = {0: E("small", "red", "circle", "top", "left"), 4: E("large", "blue", "star", "center"),
-             8: E("small", "green", "square", "bottom", "right"), 1: E("nothing", "top")}
-    everywhere = align_targets([SCENE], embed, tok, 9, 0, 2.0, 0.5, "words", "all")[0]  # (9, 16)
-    cls = align_targets([SCENE], embed, tok, 10, 1, 2.0, 0.5, "words", "cls")[0]  # (10, 16)
-    for p, want in cells.items():
-        assert torch.allclose(everywhere[p], 2.0 * want + bag, atol=1e-5)
-        assert torch.allclose(cls[1 + p], 2.0 * want, atol=1e-5)  # no bag in the cells
-    assert torch.allclose(cls[0], bag, atol=1e-5)  # CLS: the bag alone
-    with pytest.raises(ValueError, match="full"):
-        align_targets([SCENE], embed, tok, 9, 0, 2.0, 0.5, "words", "cls")
-
-
 def test_memo_tokenizer_gives_the_tokenizers_ids_and_fresh_lists(tok):
     from sena.chat import build_example
-    from sena.world.build import MemoTokenizer
+    from sena.world.data import MemoTokenizer
 
     memo = MemoTokenizer(tok)
     for user, answer in [("What color is the star?", "red"), ("Describe the image.", describe(SCENE))] * 2:
@@ -334,7 +344,7 @@ def test_memo_tokenizer_gives_the_tokenizers_ids_and_fresh_lists(tok):
 
 
 def test_stage1_noise_batch_by_hand():
-    """--vision-noise: the noised share is x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε with ᾱ_600 = 0.539118 (sena/noise.py),
+    """Stage 1's noise: the noised share is x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε with ᾱ_600 = 0.539118 (sena/noise.py),
     the rest is left exactly as it was, and share 0 changes nothing."""
     from sena.world.encoder import noise_batch
 
@@ -352,63 +362,46 @@ def test_stage1_noise_batch_by_hand():
     torch.testing.assert_close(half[~same], want[~same], atol=1e-5, rtol=0)
 
 
-def test_degraded_positive_control_rows_features_and_recipe(tok, tmp_path):
-    """TRAIN["degraded"]: the noised copies' mix rows draw with the degraded noise (here: every description names each
-    absent buddy of a present shape), the clean rows with the clean one (never); their features are the tower's on
-    SENA's forward diffusion of the same images, seeded; and a build with it runs, records it and is refused as the
-    default recipe."""
+@pytest.fixture(scope="module")
+def tiny_theta0(tmp_path_factory):
+    """Two tiny θ0 builds (seeds 3 and 4): the sources the install tests copy from."""
+    from sena.world import build_theta0
+
+    d = tmp_path_factory.mktemp("theta0s")
+    kw = dict(threads=1, log_every=0, model_over=TINY, evaluate=False, **TINY_TRAIN)
+    return build_theta0(str(d / "s3"), seed=3, **kw), build_theta0(str(d / "s4"), seed=4, **kw)
+
+
+def test_theta0_install_copies_verifies_and_refuses(tiny_theta0, tmp_path):
+    """A run starts from a verified copy of θ0; a corrupt file, a Git LFS pointer or another θ0 already in the run
+    directory stops it with one line that names the file (through train.py's command line too)."""
+    import shutil
+
     import train
-    from sena.image import default_image_cfg
-    from sena.model import Llava
-    from sena.world import build_theta0, recipe_args
-    from sena.world.build import TRAIN, degraded_features, model_config, plan_rows
-    from sena.world.build import main as build_main
-    from sena.world.encoder import pixels, tower_features
+    from sena.world import Theta0Error, install_theta0
 
-    des_only = dict(mix=(1.0, 0, 0, 0, 0))
-    clean, degraded = Noise(desc_hal=(0.0, 0.0), **des_only), Noise(desc_hal=(1.0, 1.0), **des_only)
-    scenes = [sc for sc in sample_scenes(200, seed=5) if absent_buddies(sc)][:6]
-    plan = scenes + [dict(sc, degraded=True) for sc in scenes]
-    tr = TRAIN | dict(steps=6, batch_size=4, per_image=2, reading=())
-    n_tok, img_id = 9, tok.convert_tokens_to_ids("<image>")
-    rows, owner, _, _, _ = plan_rows(random.Random(0), plan, tok, tr, clean, n_tok, img_id, degraded)
-    named = {False: 0, True: 0}
-    for row, o in zip(rows, owner):
-        present = {ob["shape"] for ob in plan[o]["objects"]}
-        for ids, labels in row:
-            answer = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
-            named[o >= len(scenes)] += len(set(mentioned_shapes(answer)) - present)
-    assert named[False] == 0 and named[True] > 0, named
-
-    model = Llava(model_config(tok, **TINY)).eval()
-    images = torch.randint(0, 256, (3, 3, 72, 72), dtype=torch.uint8)
-    cfg = default_image_cfg(72)
-    f1 = degraded_features(model, images, cfg, 600, 601, random.Random(1))
-    f2 = degraded_features(model, images, cfg, 600, 601, random.Random(1))
-    assert torch.equal(f1, f2) and f1.shape == tower_features(model, images, cfg).shape
-    r = random.Random(1)  # by hand, in degraded_features' order of draws: generator seed, t, then ε
-    gen = torch.Generator().manual_seed(r.randrange(2**31))
-    torch.randint(600, 601, (3,), generator=gen)
-    x = pixels(images, cfg)
-    x_t = 0.539118 ** 0.5 * x + (1 - 0.539118) ** 0.5 * torch.randn(x.shape, generator=gen)
-    with torch.no_grad():
-        want = model.vision_hidden(x_t)[:, model.config.first_image_feature:]
-    torch.testing.assert_close(f1, want, atol=1e-4, rtol=0)
-
-    over = train.theta0_recipe(train.parse_args(["--theta0-degraded", "0.5", "300", "900", "1.0"]))
-    assert over == recipe_args(None, None, [0.5, 300, 900, 1.0]) == {"degraded": (0.5, 300, 900, 1.0)}
-    assert train.theta0_recipe(train.parse_args([])) == {}
-    flags = ["--theta0-steps", "3000", "--theta0-vision-noise", "0.5", "0", "1000"]
-    assert train.theta0_recipe(train.parse_args(flags)) == {"steps": 3000, "vision_noise": (0.5, 0, 1000)}
-    kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, steps=3, n_images=12, per_image=2, batch_size=4,
-              vision_steps=2, align_steps=2, vision_batch=4, reading=(("color+exist", 1),))
-    path = build_theta0(str(tmp_path / "d"), **kw, **over)
-    assert json.loads(Path(path, "meta.json").read_text())["train"]["degraded"] == [0.5, 300, 900, 1.0]
-    assert build_theta0(str(tmp_path / "d"), **kw, **over) == path  # the same recipe reuses it
-    with pytest.raises(ValueError, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
-        build_theta0(str(tmp_path / "d"), **kw)
-    # train.py says so in one line and exits (no traceback), before touching anything
-    with pytest.raises(SystemExit, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
-        train.main(["--run-dir", str(tmp_path / "d"), "--seed", "3"])
-    with pytest.raises(SystemExit, match=re.escape("train.degraded [0.5, 300, 900, 1.0] (asked None)")):
-        build_main(["--out", str(tmp_path / "d"), "--seed", "3"])
+    src, other = tiny_theta0
+    dest = install_theta0(str(tmp_path / "run"), src)
+    names = sorted(json.load(open(os.path.join(src, "meta.json")))["files_sha256"])
+    assert len(names) >= 4 and sorted(n for n in os.listdir(dest) if n != "meta.json") == names
+    for n in names + ["meta.json"]:
+        assert open(os.path.join(src, n), "rb").read() == open(os.path.join(dest, n), "rb").read()
+    (tmp_path / "run" / "theta0" / "metrics.json").write_text("{}")  # what a run adds beside θ0 is allowed
+    assert install_theta0(str(tmp_path / "run"), src) == dest
+    with pytest.raises(Theta0Error, match="holds another θ0"):
+        install_theta0(str(tmp_path / "run"), other)
+    for name, damage in (("flipped", lambda b: b[:-1] + bytes([b[-1] ^ 1])),
+                         ("lfs", lambda b: b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")):
+        bad = str(tmp_path / name)
+        shutil.copytree(src, bad)
+        w = os.path.join(bad, "model.safetensors")
+        data = open(w, "rb").read()
+        open(w, "wb").write(damage(data))
+        with pytest.raises(Theta0Error, match=re.escape(w)):
+            install_theta0(str(tmp_path / f"run_{name}"), bad)
+        assert not os.path.exists(tmp_path / f"run_{name}" / "theta0")  # nothing half-installed
+    with pytest.raises(SystemExit, match=r"^error: .*model\.safetensors: sha256"):
+        train.main(["--theta0", str(tmp_path / "lfs"), "--run-dir", str(tmp_path / "run_cli"), "--no-eval"])
+    os.remove(os.path.join(str(tmp_path / "lfs"), "meta.json"))
+    with pytest.raises(Theta0Error, match="meta.json is missing"):
+        install_theta0(str(tmp_path / "run_cli"), str(tmp_path / "lfs"))

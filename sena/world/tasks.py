@@ -228,24 +228,3 @@ def sample_examples(rng, scene: dict, n: int, noise: Noise) -> list[tuple[str, s
         user, answer = make_example(rng, scene, kind, noise)
         out.append((kind, user, answer))
     return out
-
-
-def reading_examples(rng, scene: dict, n: int, qtype: str = "color") -> list[tuple[str, str, str]]:
-    """n short-answer examples of one VQA type: θ0's warm-up (TRAIN["reading"]).
-
-    qtype "color+shape" draws the type of each example uniformly from the listed ones.
-
-    A language model trained from the start on the whole mix settles into the text prior (Yes/No questions, the
-    description template) and never learns to read the image tokens within the budget: it answers from a blur of all
-    image tokens (colour right on one-object scenes, shape at chance). A warm-up of short answers builds the
-    content-addressed lookups ("the token holding top + left") first, and they survive into the mix. Measured on 150
-    held-out scenes (docs/world-experiments.md): one mixed warm-up phase of all five types beats single-type
-    phases run one after another (VQA 53-58% against 24-35%; the single-type phases also break the descriptions).
-    Existence is the exception: only an existence-only phase at the very start learns it, and that start leaves the
-    model unable to learn colour afterwards (colour 6-19% in four builds).
-    """
-    out = []
-    for _ in range(n):
-        q = answerable_question(rng, scene, rng.choice(qtype.split("+")))
-        out.append(("gen", q + P.GEN_SUFFIX, L.oracle_answer(scene, q)))
-    return out

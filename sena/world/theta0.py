@@ -1,0 +1,78 @@
+"""The world's θ0 in a run directory: a checked copy of the shipped one, or a fresh build.
+
+The repository ships θ0 (sena/world/theta0/, built by `python -m sena.world.build`; its meta.json records the
+recipe, the device it was built on and the sha256 of every file), as real users download LLaVA-1.5 rather than
+train it. A run starts from a copy, so nothing a run writes (metrics.json, eval answers) touches the shipped files.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "theta0")
+WEIGHTS = "model.safetensors"
+
+
+class Theta0Error(ValueError):
+    """A θ0 directory that is missing, corrupt, or another θ0 than the one asked for (the CLIs print one line)."""
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_meta(src) -> dict:
+    path = os.path.join(src, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise Theta0Error(f"{path} is missing: {src} is not a θ0 directory made by sena.world.build") from None
+    except json.JSONDecodeError as e:
+        raise Theta0Error(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "files_sha256" not in meta:
+        raise Theta0Error(f"{path} records no files_sha256: {src} is not a θ0 directory made by sena.world.build")
+    return meta
+
+
+def verify(src) -> dict:
+    """Check every file src/meta.json lists against its sha256 (a Git LFS pointer or a truncated download fails
+    here, with the file's name, instead of deep inside the loader). Returns the meta."""
+    meta = read_meta(src)
+    for name, want in meta["files_sha256"].items():
+        path = os.path.join(src, name)
+        if not os.path.isfile(path):
+            raise Theta0Error(f"{path} is missing (listed in {os.path.join(src, 'meta.json')})")
+        got = file_sha256(path)
+        if got != want:
+            raise Theta0Error(f"{path}: sha256 {got[:12]}… differs from {want[:12]}… in meta.json (a corrupt copy, "
+                              f"or a Git LFS pointer instead of the file)")
+    return meta
+
+
+def install(run_dir, src=SHIPPED) -> str:
+    """run_dir/theta0 as a verified copy of src; an existing copy is reused if it holds the same weights.
+    Returns the path."""
+    dest = os.path.join(run_dir, "theta0")
+    want = verify(src)["files_sha256"][WEIGHTS]
+    if os.path.isdir(dest):
+        have = read_meta(dest)["files_sha256"].get(WEIGHTS)
+        if have != want:
+            raise Theta0Error(f"{dest} holds another θ0 (weights {str(have)[:12]}…) than {src} ({want[:12]}…). "
+                              f"Use another --run-dir, or delete {dest}")
+        verify(dest)
+        return dest
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in read_meta(src)["files_sha256"]:
+        shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    shutil.copy2(os.path.join(src, "meta.json"), os.path.join(tmp, "meta.json"))
+    os.replace(tmp, dest)  # appears whole or not at all
+    verify(dest)
+    return dest
