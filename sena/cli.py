@@ -4,7 +4,7 @@ defaults, one-line refusals.
 A bad value is refused while the flags are parsed, before any model is loaded or any file written, with one line
 that names the flag, the value and what is allowed:
 
-    train.py: error: argument --beta: 0 is out of range (allowed: a number > 0)
+    train.py: error: argument --beta: 0 is out of range (allowed: a number > 0) (see train.py -h)
 
 A user error found later (a model directory with a corrupt file, say) raises UserError; `run` turns it into one
 line `error: <message>` and exit status 1, while any other exception keeps its traceback (it is a bug to report).
