@@ -3,19 +3,20 @@
 # does not stop the others, and everything lands in $OUT/all.log + $OUT/gpu_check.tgz).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh gpu_carry/s0        # on the GPU machine
-#   DEV=cpu OUT=/tmp/out bash benchmarks/gpu_check.sh gpu_carry/s0  # plumbing dry run here (slow, no 7B shapes)
+#   DEV=cpu OUT=/tmp/out bash benchmarks/gpu_check.sh gpu_carry/s0  # plumbing dry run (slow, no 7B shapes)
 #   ONLY="full_ft tests" OUT=/tmp/out bash benchmarks/gpu_check.sh gpu_carry/s0   # rerun some stages
 #
-# gpu_carry/s0 holds a world run directory made on the CPU: theta0/, test/, test_labels.jsonl, pool/iter_1/ and
-# cpu_iter_1/ (that round's pairs.jsonl, report.json, log.jsonl and θ1's metrics.json from the CPU, fp32).
-# Making it from a finished world run (2026-11-30: runs/ablation/s0-none), and the wheels the GPU image lacks:
-#   S=runs/ablation/s0-none; mkdir -p gpu_carry/s0/pool gpu_carry/s0/cpu_iter_1
-#   cp -r $S/theta0 $S/test $S/test_labels.jsonl gpu_carry/s0/ && cp -r $S/pool/iter_1 gpu_carry/s0/pool/
-#   cp $S/iter_1/{pairs.jsonl,report.json,log.jsonl} $S/iter_1/model/metrics.json gpu_carry/s0/cpu_iter_1/
+# Every world run starts from the θ0 the repository ships (sena/world/theta0); pools and the test split are made
+# from their seeds. gpu_carry/s0/cpu_iter_1/ holds round 1 of a seed-0 world run made on the CPU (fp32): its
+# pairs.jsonl, report.json, log.jsonl and θ1's metrics.json. Making it, and the wheels the GPU image lacks:
+#   python train.py --run-dir runs/gpu_ref --iter 1 && S=runs/gpu_ref/iter_1 && mkdir -p gpu_carry/s0/cpu_iter_1
+#   cp $S/{pairs.jsonl,report.json,log.jsonl} $S/model/metrics.json gpu_carry/s0/cpu_iter_1/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1 importlib_metadata
 # (both folders in .git/info/exclude; on the GPU: pip install --no-index --no-deps --target /tmp/site .whl/*.whl and
 # PYTHONPATH=/tmp/site before this script).
 # Stages:
+#   build         θ0 built on the GPU from seed 0 (bf16 autocast, DataLoader workers): time, hash and benchmarks
+#                 against the shipped CPU-built θ0's meta.json
 #   readiness     LLaVA-1.5-7B shapes, bf16 base + fp32 LoRA r=128, 4 pairs/step; then checkpointing, 16 pairs/step
 #   bf16_pairs    round 1 on the CPU round's own pairs: bf16 reference cache, step-0 check, bf16 LoRA training,
 #                 evaluation -> compare log.jsonl and metrics with the fp32 CPU round (same pairs, same seed)
@@ -44,15 +45,15 @@ stage() {  # stage NAME SECONDS CMD...: run with a limit, keep its output, repor
     grep -v "^iter 1 step" "$W/$name.log" | tail -n "${TAIL:-40}" >> "$LOG"
 }
 
-world_dir() {  # world_dir NAME [with-pairs]: a fresh copy of the carried run directory
+world_dir() {  # world_dir NAME [with-pairs]: a fresh run directory (train.py installs θ0, makes pool and test)
     local d="$W/$1"
-    rm -rf "$d" && mkdir -p "$d/pool" && cp -r "$C/theta0" "$C/test" "$C/test_labels.jsonl" "$d/" \
-        && cp -r "$C/pool/iter_1" "$d/pool/"
+    rm -rf "$d" && mkdir -p "$d"
     if [ "${2:-}" = with-pairs ]; then
         mkdir -p "$d/iter_1" && cp "$C/cpu_iter_1/pairs.jsonl" "$d/iter_1/"
         # the pairs' image root is the CPU machine's absolute path; point it at this copy
         $PY -c "import json,sys; r=json.load(open(sys.argv[1])); r['image_root']=sys.argv[2]; \
 json.dump(r, open(sys.argv[3], 'w'))" "$C/cpu_iter_1/report.json" "$d/pool/iter_1" "$d/iter_1/report.json"
+        $PY -c "from sena import world; world.write_split('$d/pool/iter_1', 400, 1, 'pool1', '$d/labels/pool_iter_1.jsonl')"
     fi
     echo "$d"
 }
@@ -62,6 +63,13 @@ json.dump(r, open(sys.argv[3], 'w'))" "$C/cpu_iter_1/report.json" "$d/pool/iter_
 '| transformers', transformers.__version__, '| diffusers', diffusers.__version__)"; } | tee -a "$LOG"
 
 if [ "$DEV" = cuda ]; then
+    stage build 330 $PY -m sena.world.build --device cuda --out "$W/theta0_cuda"
+    $PY -c "import json, sys; a, b = (json.load(open(p)) for p in sys.argv[1:]); \
+print('theta0 build', a['device'], a['seconds'], a['weights_sha256'][:12], '| shipped', b['device'], b['seconds'], \
+b['weights_sha256'][:12]); [print(f'{k:24s} cuda-built {a[\"metrics\"][k]:.3f}  shipped {b[\"metrics\"][k]:.3f}') \
+for k in ('pope_adversarial_f1', 'chair_i', 'chair_recall', 'vqa_overall', 'fmt_self_check')]" \
+        "$W/theta0_cuda/meta.json" sena/world/theta0/meta.json 2>&1 | tee -a "$LOG"
+    cp "$W/theta0_cuda/meta.json" "$W/theta0_cuda_meta.json" 2>/dev/null
     stage readiness 120 $PY benchmarks/gpu_readiness.py
     cp benchmarks/results/gpu_readiness.json "$W/gpu_readiness.json" 2>/dev/null
     stage readiness_ckpt 100 $PY benchmarks/gpu_readiness.py --checkpointing --batch-size 16
