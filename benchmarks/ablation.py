@@ -69,7 +69,10 @@ def metrics(out, seed, variant, k):
     """summary() of run s<seed>-<variant> after round k (0: its θ0), or None if that model was not evaluated."""
     run_dir = os.path.join(out, f"s{seed}-{variant}")
     f = os.path.join(run_dir, "theta0" if k == 0 else os.path.join(f"iter_{k}", "model"), "metrics.json")
-    return summary(json.load(open(f))) if os.path.exists(f) else None
+    if not os.path.exists(f):
+        return None
+    with open(f) as fh:
+        return summary(json.load(fh))
 
 
 def mean_sd(ms, row):
@@ -98,8 +101,31 @@ def table(out, seeds, variants, n_iters):
         cells = [" / ".join("-" if curve[v][k][r] is None else f"{shown(r, curve[v][k][r][0]):.1f}" for r in CURVE)
                  for k in range(n_iters + 1)]
         print(f"{names.get(v, v):<12}" + "".join(f"{f'iter {k}: ' + c:>34}" for k, c in enumerate(cells)))
+    eff = effects(out, seeds, variants[0], n_iters)
     with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump({"final": res, "curve": curve}, f, indent=2)
+        json.dump({"final": res, "curve": curve, "effects": eff}, f, indent=2)
+
+
+# SENA's effect after the last round against the run's own θ0, per seed: (name, row, how, what counts as a gain).
+EFFECTS = [("CHAIR_i ratio", "chair_i", "ratio", "<= 0.6"), ("recall Δ", "chair_recall", "diff", ">= -3"),
+           ("POPE-adv F1 Δ", "pope_adversarial_f1", "diff", ">= +1"), ("VQA Δ", "vqa_overall", "diff", ">= -1"),
+           ("AMBER score Δ", "amber_score", "diff", "> 0"), ("words ratio", "des_words", "ratio", "0.75-1.25")]
+
+
+def effects(out, seeds, variant, n_iters):
+    """Per seed, the last round against θ0 on each EFFECTS row (ratios of raw values, differences in points)."""
+    rows = {}
+    for s in seeds:
+        m0, m = metrics(out, s, variant, 0), metrics(out, s, variant, n_iters)
+        if m0 and m:
+            rows[s] = {name: (m[r] / m0[r] if m0[r] else float("nan")) if how == "ratio" else shown(r, m[r] - m0[r])
+                       for name, r, how, _ in EFFECTS}
+    if rows:
+        print(f"\n{variant} after round {n_iters} vs θ0, per seed")
+        print(f"{'seed':<6}" + "".join(f"{name + ' (' + want + ')':>24}" for name, _, _, want in EFFECTS))
+        for s, e in rows.items():
+            print(f"{s:<6}" + "".join(f"{e[name]:>24.2f}" for name, *_ in EFFECTS))
+    return rows
 
 
 if __name__ == "__main__":

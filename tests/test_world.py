@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,11 @@ from sena.world import (
 from sena.world.language import where
 from sena.world.tasks import KINDS, Noise, make_example, sample_examples
 from sena.world.tokenizer import build_tokenizer, save_tokenizer, world_texts
+
+
+def read_json(*path):
+    with open(os.path.join(*path)) as f:
+        return json.load(f)
 
 
 def _obj(shape, color, size, row, col):
@@ -197,12 +203,12 @@ def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, c
     kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, evaluate=False, **TINY_TRAIN)
     a = build_theta0(str(tmp_path / "a"), **kw)
     b = build_theta0(str(tmp_path / "b"), **kw)
-    meta_a, meta_b = (json.load(open(os.path.join(p, "meta.json"))) for p in (a, b))
+    meta_a, meta_b = (read_json(p, "meta.json") for p in (a, b))
     assert meta_a["weights_sha256"] == meta_b["weights_sha256"]
     with open(os.path.join(a, "model.safetensors"), "rb") as fa, open(os.path.join(b, "model.safetensors"), "rb") as fb:
         assert fa.read() == fb.read()
     c = build_theta0(str(tmp_path / "c"), **(kw | dict(seed=4)))
-    assert json.load(open(os.path.join(c, "meta.json")))["weights_sha256"] != meta_a["weights_sha256"]
+    assert read_json(c, "meta.json")["weights_sha256"] != meta_a["weights_sha256"]
     capsys.readouterr()
     assert build_theta0(str(tmp_path / "a"), **kw) == a and "reusing" in capsys.readouterr().out
     # A cached θ0 of another seed or recipe is refused, naming the file and what differs (never reused silently).
@@ -382,10 +388,10 @@ def test_theta0_install_copies_verifies_and_refuses(tiny_theta0, tmp_path):
 
     src, other = tiny_theta0
     dest = install_theta0(str(tmp_path / "run"), src)
-    names = sorted(json.load(open(os.path.join(src, "meta.json")))["files_sha256"])
+    names = sorted(read_json(src, "meta.json")["files_sha256"])
     assert len(names) >= 4 and sorted(n for n in os.listdir(dest) if n != "meta.json") == names
     for n in names + ["meta.json"]:
-        assert open(os.path.join(src, n), "rb").read() == open(os.path.join(dest, n), "rb").read()
+        assert Path(src, n).read_bytes() == Path(dest, n).read_bytes()
     (tmp_path / "run" / "theta0" / "metrics.json").write_text("{}")  # what a run adds beside θ0 is allowed
     assert install_theta0(str(tmp_path / "run"), src) == dest
     with pytest.raises(Theta0Error, match="holds another θ0"):
@@ -395,8 +401,7 @@ def test_theta0_install_copies_verifies_and_refuses(tiny_theta0, tmp_path):
         bad = str(tmp_path / name)
         shutil.copytree(src, bad)
         w = os.path.join(bad, "model.safetensors")
-        data = open(w, "rb").read()
-        open(w, "wb").write(damage(data))
+        Path(w).write_bytes(damage(Path(w).read_bytes()))
         with pytest.raises(Theta0Error, match=re.escape(w)):
             install_theta0(str(tmp_path / f"run_{name}"), bad)
         assert not os.path.exists(tmp_path / f"run_{name}" / "theta0")  # nothing half-installed
@@ -405,3 +410,25 @@ def test_theta0_install_copies_verifies_and_refuses(tiny_theta0, tmp_path):
     os.remove(os.path.join(str(tmp_path / "lfs"), "meta.json"))
     with pytest.raises(Theta0Error, match="meta.json is missing"):
         install_theta0(str(tmp_path / "run_cli"), str(tmp_path / "lfs"))
+
+
+def test_shipped_theta0_matches_its_meta_and_the_recipe():
+    """The θ0 the repository ships: every file has the sha256 its meta.json records, the weights that load hash to
+    meta's weights_sha256, and meta's recipe and config.json are what `python -m sena.world.build` builds today (a
+    recipe change without a rebuild fails here)."""
+    from sena.model import load_pretrained
+    from sena.world import SHIPPED_THETA0
+    from sena.world.build import MODEL, TRAIN, model_config, weights_hash
+    from sena.world.theta0 import verify
+
+    meta = verify(SHIPPED_THETA0)
+    assert meta["complete"] and meta["seed"] == 0 and len(meta["files_sha256"]) >= 4
+    want = json.loads(json.dumps({"train": TRAIN, "model": MODEL, "noise": vars(Noise())}))
+    assert {k: meta[k] for k in want} == want
+    config = read_json(SHIPPED_THETA0, "config.json")
+    assert config == json.loads(json.dumps(model_config(build_tokenizer()).to_hf_dict()))
+    model, tok, _ = load_pretrained(SHIPPED_THETA0)
+    assert weights_hash(model) == meta["weights_sha256"]
+    assert sum(os.path.getsize(os.path.join(SHIPPED_THETA0, f)) for f in os.listdir(SHIPPED_THETA0)) < 40e6
+    for key in ("pope_adversarial_f1", "chair_i", "chair_recall", "vqa_overall", "fmt_self_check"):
+        assert 0 <= meta["metrics"][key] <= 1  # θ0's benchmark scores, as the build measured them
