@@ -1,7 +1,7 @@
 """DPO training throughput (pairs/s) and peak memory: train.py's loop vs TRL's DPOTrainer + PEFT LoRA.
 
     python benchmarks/bench_train.py                      # batch 8, 24 steps, 1 thread; ~1 min
-    pip install -c /tmp/constraints.txt -r requirements-bench.txt   # TRL and PEFT, benchmark-only
+    pip install -c constraints.txt -r requirements-bench.txt   # TRL and PEFT, benchmark-only
 
 Same ~5M LLaVA weights (our save_pretrained directory, which transformers loads), same pairs and images, same batch
 size and number of steps, LoRA r=16 α=32 on the language model's seven Linear kinds for both, fp32, no activation
