@@ -426,6 +426,7 @@ def test_shipped_theta0_matches_its_meta_and_the_recipe():
     want = json.loads(json.dumps({"train": TRAIN, "model": MODEL, "noise": vars(Noise())}))
     assert {k: meta[k] for k in want} == want
     config = read_json(SHIPPED_THETA0, "config.json")
+    assert config.pop("dtype") == "float32"  # save_pretrained records the weights' dtype beside the architecture
     assert config == json.loads(json.dumps(model_config(build_tokenizer()).to_hf_dict()))
     model, tok, _ = load_pretrained(SHIPPED_THETA0)
     assert weights_hash(model) == meta["weights_sha256"]

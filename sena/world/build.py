@@ -231,8 +231,9 @@ def build_theta0(out, seed=0, noise: Noise | None = None, device="cpu", threads=
     workers = (8 if cuda else 0) if workers is None else workers
     t0 = time.time()
     # Stage 2's packed batches take a new shape almost every step, and under bf16 autocast on a CPU oneDNN caches
-    # a kernel per shape (1024 by default): the build's memory grew to ~13 GB. 16 keeps it near 3 GB at the same
-    # speed and weights. oneDNN reads this when it first runs, so it only helps a process that has not used it yet.
+    # a kernel per shape (1024 by default), and the build's memory grew to 13-14 GB. A cap of 16 cut a 60-step build
+    # from 4.1 to 2.9 GB at the same speed and weights (a full one still grows, more slowly). oneDNN reads this when
+    # it first runs, so it only helps a process that has not used it yet.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
     if threads:  # else torch's default, which honours OMP_NUM_THREADS (parallel builds must not oversubscribe)
         torch.set_num_threads(threads)
