@@ -4,7 +4,7 @@
     python generate.py --model M --image-list llava_v1_5_mix665k.json --image-root /data --per-source 1200 --out D
         (the official runs' pool: 1.2K images from each of coco, gqa, ocr_vqa, textvqa, vg; sena.io.read_image_list)
 
-Stages (../shared/SENA.md, "One round"), each batched over all images:
+Stages of one SENA round (the paper, Sec. 3), each batched over all images:
   1. self-questioning: ask a question, then the self-check turn (with the image by default, text-only as the
      released code does with --self-check text, skipped with --self-check off); keep the '?' sentences;
   2. a description prompt drawn per image (seeded);
