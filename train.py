@@ -8,7 +8,7 @@ Each round writes runs/<name>/iter_<k>/: pairs.jsonl + report.json (generate.py)
 reference log-probs, once), log.jsonl (one line per step), model/ (θ(k), a Hugging Face LLaVA directory),
 metrics.json (evaluate.py, world runs) and meta.json (arguments, input hashes, git commit).
 
-Loss of a batch of B pairs (DPO plus λ times the image-content alignment NLL on the chosen answers):
+Loss of a batch of B pairs (DPO plus λ times the image-content alignment NLL of the chosen descriptions):
     L = mean_b[-log σ(β·((log π(c) - log π(r)) - (log π_ref(c) - log π_ref(r))))] + λ · ICA
     ICA = mean_b[des_b · (-(1/|c|)·log π(c))]      (--ica-reduction batch, official)
         = the same sum / number of des pairs        (--ica-reduction des)
