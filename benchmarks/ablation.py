@@ -1,7 +1,7 @@
 """The paper's ablation on the embedded world: full SENA vs without SQ / SE / ICA and a SeVa-style baseline, over
 several seeds, as one table of mean ± spread (θ0 → after the last round).
 
-    python benchmarks/ablation.py --seeds 0 1 2 --variants none no-sq no-se no-ica seva --jobs 2
+    python -m benchmarks.ablation --seeds 0 1 2 --variants none no-sq no-se no-ica seva --jobs 2
 
 Each (seed, variant) is `python train.py --run-dir runs/ablation/s<seed>-<variant> --seed <seed> --ablation <v>`:
 every run starts from the same θ0 (the shipped one, or --train-args "--theta0 DIR"), and the seed sets the pools, the
@@ -18,10 +18,9 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from sena.world.bench import LOWER_IS_BETTER, shown, summary
 
-from sena.world.bench import LOWER_IS_BETTER, shown, summary  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS = ["pope_adversarial_f1", "pope_adversarial_yes", "pope_popular_f1", "pope_random_f1", "chair_i", "chair_s",
         "chair_recall", "amber_f1_all", "amber_score", "vqa_overall", "vqa_color", "vqa_shape", "vqa_count",

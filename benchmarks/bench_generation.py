@@ -1,7 +1,7 @@
 """Generation throughput (sequences/s) on one SENA round's prompts: ours vs transformers vs one sample at a time.
 
-    python benchmarks/bench_generation.py --n-images 64   # 64 images x 8 prompts, 24 new tokens, 1 thread, ~4 min
-    python benchmarks/bench_generation.py --model runs/world/theta0 --images runs/world/pool/iter_1
+    python -m benchmarks.bench_generation --n-images 64   # 64 images x 8 prompts, 24 new tokens, 1 thread, ~4 min
+    python -m benchmarks.bench_generation --model runs/world/theta0 --images runs/world/pool/iter_1
 
 Workload per image, as generate.py runs it: ask, self-check, des + gen on the clean image, des + gen on a second
 ("noised") image, two self-enhancement prompts; each stage is sorted by prompt length and cut into batches of
@@ -21,18 +21,15 @@ says EOS, so every answer runs to --max-new-tokens; with a trained θ0 (--model)
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-from sena.chat import encode_prompt  # noqa: E402
-from sena.generation import generate  # noqa: E402
-from sena.image import load_image, preprocess  # noqa: E402
-from sena.model import load_pretrained  # noqa: E402
+from benchmarks import common
+from sena.chat import encode_prompt
+from sena.checkpoint import load_pretrained
+from sena.generation import generate
+from sena.image import load_image, preprocess
 
 
 def parse_args(argv):

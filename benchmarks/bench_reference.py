@@ -1,6 +1,6 @@
 """Reference-scoring pass (pairs/s): sena.refcache.score_pairs vs the plain pass it replaced.
 
-    python benchmarks/bench_reference.py                  # 256 pairs (128 images), batch 16, 1 thread
+    python -m benchmarks.bench_reference                  # 256 pairs (128 images), batch 16, 1 thread
 
   plain  per batch: every pair's image through CLIP, prompt+chosen and prompt+rejected as two rows, logits over the
          whole vocabulary at every position, then log-softmax (the released code's way, and ours before)
@@ -13,17 +13,14 @@ a real model); the two passes must agree to 1e-4.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-from sena.batch import load_pixels, plain_pair_batch, plain_pair_logps, tokenize_pair  # noqa: E402
-from sena.model import load_pretrained  # noqa: E402
-from sena.refcache import FIELDS, score_pairs  # noqa: E402
+from benchmarks import common
+from sena.batch import load_pixels, plain_pair_batch, plain_pair_logps, tokenize_pair
+from sena.checkpoint import load_pretrained
+from sena.refcache import FIELDS, score_pairs
 
 
 def parse_args(argv):

@@ -1,15 +1,15 @@
 """How a SENA round's time grows with the number of images, stage by stage (100 / 200 / 400 images).
 
-    python benchmarks/bench_round.py                      # ~3 min on 1 thread
-    python benchmarks/bench_round.py --sizes 50,100 --max-new-tokens 8
+    python -m benchmarks.bench_round                      # ~3 min on 1 thread
+    python -m benchmarks.bench_round --sizes 50,100 --max-new-tokens 8
 
 Each stage runs the project's own code on the benchmark's random ~5M LLaVA:
   images     load, preprocess and diffusion-noise every image (generate.py's loop)
-  vision     clean and noised features, once per image (generate.encode_images)
+  vision     clean and noised features, once per image (sena.selfplay.encode_images)
   generate   the eight prompts per image through generate.run_prompts (sorted, batched, as generate.py runs them):
              ask, self-check, des/gen on clean and on noised features, two self-enhancement rewrites
   reference  sena.refcache.score_pairs on the round's pairs (one des + one gen pair per image)
-  train      train.train_round on those pairs (LoRA r=16, batch 16, 1 epoch)
+  train      sena.trainer.train_round on those pairs (LoRA r=16, batch 16, 1 epoch)
 A random model writes no '?' so generate.main would keep no question; the stages are therefore fed fixed prompts and
 pairs of SENA's shape instead of the model's own text (same token counts, same code paths). Answers run to
 --max-new-tokens (no EOS from a random model), an upper bound on a trained model's generation time.
@@ -24,16 +24,14 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-import generate  # noqa: E402
-import train  # noqa: E402
-from sena import prompts  # noqa: E402
-from sena.image import load_image, preprocess  # noqa: E402
-from sena.model import load_pretrained  # noqa: E402
-from sena.noise import add_diffusion_noise, noise_generator  # noqa: E402
-from sena.refcache import score_pairs  # noqa: E402
+from benchmarks import common
+from sena import flags, prompts
+from sena.checkpoint import load_pretrained
+from sena.image import load_image, preprocess
+from sena.noise import add_diffusion_noise, noise_generator
+from sena.refcache import score_pairs
+from sena.selfplay import encode_images, run_prompts
+from sena.trainer import train_round
 
 
 def parse_args(argv):
@@ -60,8 +58,8 @@ def one_round(model_dir, img_dir, n, args):
     os.makedirs(round_dir)
     t = time.perf_counter()
     gargs = SimpleNamespace(batch_size=64, max_new_tokens=args.max_new_tokens, out=round_dir, signature="bench")
-    cf = generate.encode_images(model, torch.stack(clean), 64)
-    nf = generate.encode_images(model, torch.stack(noised), 64)
+    cf = encode_images(model, torch.stack(clean), 64)
+    nf = encode_images(model, torch.stack(noised), 64)
     secs["vision"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -69,7 +67,7 @@ def one_round(model_dir, img_dir, n, args):
     users = [[u for i, u in rows[k::5]] for k in range(5)]
     with torch.no_grad():
         for j, (k, feats) in enumerate(((0, cf), (1, cf), (2, cf), (3, cf), (2, nf), (3, nf), (4, cf), (4, cf))):
-            generate.run_prompts(model, tok, feats, users[k], gargs, f"stage{j}", names)
+            run_prompts(model, tok, feats, users[k], gargs, f"stage{j}", names)
     secs["generate"] = time.perf_counter() - t
 
     pairs = common.pairs(n)
@@ -77,9 +75,9 @@ def one_round(model_dir, img_dir, n, args):
     ref = score_pairs(model, tok, image_cfg, pairs, img_dir, 16)
     secs["reference"] = time.perf_counter() - t
 
-    targs = train.parse_args(["--epochs", "1", "--batch-size", "16", "--micro-batch-size", "16", "--device", "cpu"])
+    targs = flags.defaults(flags.train_flags(), epochs=1, batch_size=16, micro_batch_size=16, device="cpu")
     t = time.perf_counter()
-    train.train_round(targs, 1, model_dir, round_dir, pairs, img_dir, ref)
+    train_round(targs, 1, model_dir, round_dir, pairs, img_dir, ref, targs.ica_weight)
     secs["train"] = time.perf_counter() - t
     return secs
 

@@ -1,6 +1,6 @@
 """The θ0 build's precision on this machine: bf16 autocast against fp32, on the build's own steps.
 
-    python benchmarks/bench_theta0.py                 # the default recipe, seed 0, 2 threads, ~3 minutes
+    python -m benchmarks.bench_theta0                 # the default recipe, seed 0, 2 threads, ~3 minutes
 
 Peer: the same steps in fp32. Both contenders run the same stage-1 batches (128 images, half of them noised) and the
 same stage-2 batches (the first windows of the seed-0 MixWindows plan, 32 images x 4 examples packed per image),
@@ -12,26 +12,23 @@ small matrices gain nothing; the table shows why.
 
 import argparse
 import copy
-import os
 import random
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-from sena.image import default_image_cfg  # noqa: E402
-from sena.model import Llava  # noqa: E402
-from sena.world import build as B  # noqa: E402
-from sena.world.data import MixWindows, render_all  # noqa: E402
-from sena.world.encoder import autocast, cell_targets, pretrain_vision  # noqa: E402
-from sena.world.render import IMAGE_SIZE  # noqa: E402
-from sena.world.scenes import sample_scenes  # noqa: E402
-from sena.world.tasks import Noise  # noqa: E402
-from sena.world.tokenizer import build_tokenizer  # noqa: E402
+from benchmarks import common
+from sena.image import default_image_cfg
+from sena.model import Llava
+from sena.world import build as B
+from sena.world import stage2 as S2
+from sena.world.data import MixWindows, render_all
+from sena.world.encoder import autocast, cell_targets, pretrain_vision
+from sena.world.render import IMAGE_SIZE
+from sena.world.scenes import sample_scenes
+from sena.world.tasks import Noise
+from sena.world.tokenizer import build_tokenizer
 
 
 def parse_args(argv):
@@ -51,8 +48,8 @@ def stage2_steps(model, images, batches, image_cfg, tr, bf16):
     t = time.perf_counter()
     for batch in batches:
         with autocast("cpu", bf16):
-            feats = B.stage2_features(model, images, batch, image_cfg, gen, "cpu")
-            loss = B.answer_loss(model, batch, image_features=feats)
+            feats = S2.stage2_features(model, images, batch, image_cfg, gen, "cpu")
+            loss = S2.answer_loss(model, batch, image_features=feats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, tr["clip"])

@@ -1,12 +1,12 @@
 """DPO training throughput (pairs/s) and peak memory: train.py's loop vs TRL's DPOTrainer + PEFT LoRA.
 
-    python benchmarks/bench_train.py                      # batch 8, 24 steps, 1 thread; ~1 min
+    python -m benchmarks.bench_train                      # batch 8, 24 steps, 1 thread; ~1 min
     pip install -c constraints.txt -r requirements-bench.txt   # TRL and PEFT, benchmark-only
 
 Same ~5M LLaVA weights (our save_pretrained directory, which transformers loads), same pairs and images, same batch
 size and number of steps, LoRA r=16 α=32 on the language model's seven Linear kinds for both, fp32, no activation
 checkpointing, β=0.1. Every contender runs in its own subprocess, so its peak RSS is its own.
-  ours           train.train_round (train.py's loop as it is): shared-prefix forward, answer-only LM head, the
+  ours           sena.trainer.train_round (train.py's loop as it is): shared-prefix forward, answer-only LM head, the
                  reference read from the cache (sena.refcache.score_pairs, timed separately and added in "+ref")
   ours-plain     the same loop with the duplicated chosen/rejected forward and full logits (sena.batch.plain_*)
   ours-lora-patch  ours with the LoRA scaling applied to the r-wide activation (a proposed sena/lora.py change)
@@ -19,12 +19,11 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 
+from benchmarks import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import common  # noqa: E402
 
 LORA = dict(r=16, alpha=32, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 
@@ -71,18 +70,17 @@ def child_ours(args, plain, lora_patch=False):
     import torch
 
     torch.set_num_threads(args.threads)
-    import train
     from sena import batch as B
-    from sena import refcache
+    from sena import flags, refcache, trainer
     from sena.lora import LoRALinear
 
     if lora_patch:
         LoRALinear.forward = lora_scale_inside
+    from sena.checkpoint import load_pretrained
     from sena.io import read_jsonl
-    from sena.model import load_pretrained
 
     if plain:  # the duplicated layout everywhere: reference pass, live check and training steps
-        train.pair_batch, train.pair_logps = B.plain_pair_batch, B.plain_pair_logps
+        trainer.pair_batch, trainer.pair_logps = B.plain_pair_batch, B.plain_pair_logps
         refcache.pair_batch, refcache.pair_logps = B.plain_pair_batch, B.plain_pair_logps
     import transformers  # noqa: F401  (load_pretrained reads the tokenizer through it: import outside the timing)
 
@@ -93,11 +91,11 @@ def child_ours(args, plain, lora_patch=False):
     ref = refcache.score_pairs(ref_model, tok, image_cfg, pairs, imgs, args.batch_size)
     del ref_model
     t_ref = time.perf_counter() - t0
-    targs = train.parse_args(["--epochs", "1", "--batch-size", str(args.batch_size), "--micro-batch-size",
-                              str(args.batch_size), "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
-                              "--lora-targets", LORA["targets"], "--device", "cpu", "--warmup-ratio", "0"])
+    targs = flags.defaults(flags.train_flags(), epochs=1, batch_size=args.batch_size, micro_batch_size=args.batch_size,
+                           lora_r=LORA["r"], lora_alpha=float(LORA["alpha"]), lora_targets=LORA["targets"],
+                           device="cpu", warmup_ratio=0.0)
     t0 = time.perf_counter()
-    train.train_round(targs, 1, model_dir, round_dir, pairs, imgs, ref)
+    trainer.train_round(targs, 1, model_dir, round_dir, pairs, imgs, ref, targs.ica_weight)
     t_train = time.perf_counter() - t0
     with open(os.path.join(round_dir, "log.jsonl")) as f:
         steps = [json.loads(line) for line in f]
@@ -163,7 +161,7 @@ def main(argv=None):
     runs = {k: [] for k in ("ours", "ours-lora-patch", "ours-plain", "trl")}
     for _ in range(args.repeats):  # interleaved, so load changes on the shared machine hit all contenders
         for name in runs:
-            runs[name].append(common.run_child(os.path.join(HERE, "bench_train.py"), flags + ["--child", name]))
+            runs[name].append(common.run_child("benchmarks.bench_train", flags + ["--child", name]))
             print(f"{name}: {runs[name][-1]}", flush=True)
     med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
     pairs = args.batch_size * args.steps

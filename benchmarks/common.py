@@ -1,7 +1,7 @@
 """What every benchmark builds the same way: a ~5M-parameter LLaVA in code, images, SENA-like pairs and prompts.
 
-The model follows MACHINE-NOTES.md's tiny LLaVA (vision ~0.6M, projector ~0.1M, LLM ~4.3M, 64 image tokens); the
-tokenizer is the word-level one of tests/tiny.py, which holds every word of the SENA prompts, so prompts have SENA's
+The model is a tiny LLaVA (vision ~0.6M, projector ~0.1M, LLM ~4.3M, 64 image tokens); the
+tokenizer is the word-level one of sena/tiny.py, which holds every word of the SENA prompts, so prompts have SENA's
 shape: <s> + system text + 64 image tokens + request + "ASSISTANT:" ≈ 110 tokens, answers 2–25 tokens.
 """
 
@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from sena import prompts, tiny
+from sena.checkpoint import save_pretrained
+from sena.image import default_image_cfg
+from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
 
-from sena import prompts  # noqa: E402
-from sena.image import default_image_cfg  # noqa: E402
-from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained  # noqa: E402
-from tests import tiny  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 IMAGE_SIZE = 64
@@ -122,11 +121,12 @@ def machine():
             "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
 
-def run_child(script, args):
-    """Run `python script args...` in a fresh process (clean peak RSS); its last stdout line is a JSON dict."""
-    res = subprocess.run([sys.executable, script] + args, capture_output=True, text=True, cwd=ROOT)
+def run_child(module, args):
+    """Run `python -m module args...` from the repository root in a fresh process (clean peak RSS); its last stdout
+    line is a JSON dict."""
+    res = subprocess.run([sys.executable, "-m", module] + args, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
-        raise RuntimeError(f"{script} {args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"{module} {args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks in one prepared call (a lent GPU is short: every stage has its own time limit, a failing stage
+# The CUDA checks in one prepared call (GPU time is usually short: every stage has its own time limit, a failing stage
 # does not stop the others, and everything lands in $OUT/all.log + $OUT/gpu_check.tgz).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh gpu_carry/s0        # on the GPU machine
@@ -70,12 +70,12 @@ b['weights_sha256'][:12]); [print(f'{k:24s} cuda-built {a[\"metrics\"][k]:.3f}  
 for k in ('pope_adversarial_f1', 'chair_i', 'chair_recall', 'vqa_overall', 'fmt_self_check')]" \
         "$W/theta0_cuda/meta.json" sena/world/theta0/meta.json 2>&1 | tee -a "$LOG"
     cp "$W/theta0_cuda/meta.json" "$W/theta0_cuda_meta.json" 2>/dev/null
-    stage readiness 120 $PY benchmarks/gpu_readiness.py
+    stage readiness 120 $PY -m benchmarks.gpu_readiness
     cp benchmarks/results/gpu_readiness.json "$W/gpu_readiness.json" 2>/dev/null
-    stage readiness_ckpt 100 $PY benchmarks/gpu_readiness.py --checkpointing --batch-size 16
+    stage readiness_ckpt 100 $PY -m benchmarks.gpu_readiness --checkpointing --batch-size 16
     cp benchmarks/results/gpu_readiness.json "$W/gpu_readiness_ckpt.json" 2>/dev/null
 else
-    stage readiness 150 $PY benchmarks/gpu_readiness.py --tiny --no-json
+    stage readiness 150 $PY -m benchmarks.gpu_readiness --tiny --no-json
 fi
 
 A=$(world_dir bf16_pairs with-pairs)

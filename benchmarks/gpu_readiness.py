@@ -1,8 +1,8 @@
 """GPU readiness: SENA's training step and reference-scoring batch on a random model with LLaVA-1.5-7B's shapes.
 
-    python benchmarks/gpu_readiness.py                       # CUDA: 7B shapes, bf16, LoRA r=128, 4 pairs/step
-    python benchmarks/gpu_readiness.py --checkpointing --batch-size 16
-    python benchmarks/gpu_readiness.py --tiny                # CPU, scaled-down shapes, seconds (the test runs it)
+    python -m benchmarks.gpu_readiness                       # CUDA: 7B shapes, bf16, LoRA r=128, 4 pairs/step
+    python -m benchmarks.gpu_readiness --checkpointing --batch-size 16
+    python -m benchmarks.gpu_readiness --tiny                # CPU, scaled-down shapes, seconds (the test runs it)
 
 Shapes (no download): CLIP ViT-L/14-336 (hidden 1024, 24 layers, 16 heads, MLP 4096, 576 patches), 2-layer MLP
 projector, Vicuna-7B (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32064). Base weights bf16 and frozen,
@@ -20,18 +20,16 @@ are left out, so MFU is a lower bound), plus 2·N_vision per image patch forward
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from sena.batch import pair_batch, pair_logps
+from sena.lora import apply_lora, lora_parameters
+from sena.losses import dpo_loss, ica_loss
+from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
 
-from sena.batch import pair_batch, pair_logps  # noqa: E402
-from sena.lora import apply_lora, lora_parameters  # noqa: E402
-from sena.losses import dpo_loss, ica_loss  # noqa: E402
-from sena.model import Llava, ModelConfig, TextConfig, VisionConfig  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16
 

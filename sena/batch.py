@@ -23,9 +23,9 @@ import os
 import torch
 import torch.utils.checkpoint
 
-from sena.chat import IGNORE_INDEX, encode_answer, encode_prompt
+from sena.chat import encode_answer, encode_prompt
 from sena.image import load_image, preprocess
-from sena.losses import gather_logps, sequence_logps
+from sena.losses import IGNORE_INDEX, gather_logps, sequence_logps
 from sena.noise import noised_image
 
 LOGITS_PER_CHUNK = 2**24  # fp32 logits materialised at once by answer_logps (64 MB; 523 rows of a 32064 vocab)
@@ -36,41 +36,66 @@ def tokenize_pair(tok, config, pair):
     return prompt, encode_answer(tok, pair["chosen"]), encode_answer(tok, pair["rejected"])
 
 
-def pair_batch(tokenized, pad_token_id):
-    """tokenized: list of B (prompt_ids, chosen_ids, rejected_ids). Returns packed, right-padded tensors:
+def pack(rows, pad_token_id):
+    """Shared-prefix packing, the one packer of SENA's pairs and of the world's θ0 build: a row is one prefix and
+    several suffixes, each suffix restarting its positions after the prefix.
 
-    input_ids, attention_mask (1 on real tokens: the token count), position_ids, segment (0 prompt, 1 chosen,
-    2 rejected, -1 pad), all (B, T); score_index (n,) flat index b*T+t of the column whose logits score a token,
-    score_target (n,) that token, score_row (n,) its sequence: b for pair b's chosen, B+b for its rejected.
+    rows: list of B (prefix_ids, [(suffix_ids, suffix_labels), ...]).
+        columns   [ prefix (P) | suffix 1 (n1) | suffix 2 (n2) | ... | pad ]
+        positions   0 .. P-1     P .. P+n1-1     P .. P+n2-1           0
+        segment     0            1               2                     -1
+    Returns input_ids, labels (IGNORE_INDEX on the prefix and padding), position_ids and segment, all (B, T) int64.
+    With block_mask(segment), every suffix token has exactly the keys and positions of its own unpacked sequence.
     """
-    B = len(tokenized)
-    T = max(len(p) + len(c) + len(r) for p, c, r in tokenized)
+    B = len(rows)
+    T = max(len(p) + sum(len(ids) for ids, _ in sfx) for p, sfx in rows)
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, T), dtype=torch.long)
     segment = torch.full((B, T), -1, dtype=torch.long)
+    for b, (prefix, sfx) in enumerate(rows):
+        P = n = len(prefix)
+        input_ids[b, :P], segment[b, :P] = torch.tensor(prefix, dtype=torch.long), 0
+        position_ids[b, :P] = torch.arange(P)
+        for j, (ids, lab) in enumerate(sfx):
+            m = len(ids)
+            input_ids[b, n : n + m], labels[b, n : n + m] = torch.tensor(ids, dtype=torch.long), torch.tensor(lab)
+            position_ids[b, n : n + m], segment[b, n : n + m] = torch.arange(P, P + m), j + 1
+            n += m
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment": segment}
+
+
+def block_mask(segment):
+    """(B, T, T) bool, True where query t may see key s: causal, a real key, and the key in the prefix (segment 0)
+    or in the query's own segment. So a suffix never sees another suffix (rejected never sees chosen); padding
+    (-1) sees the prefix only and is seen by nobody."""
+    T = segment.shape[1]
+    t = torch.arange(T, device=segment.device)
+    causal = t[None, :] <= t[:, None]  # (T, T) key s <= query t
+    sq, sk = segment[:, :, None], segment[:, None, :]  # (B, T, 1) queries, (B, 1, T) keys
+    return causal & (sk >= 0) & ((sk == 0) | (sk == sq))
+
+
+def pair_batch(tokenized, pad_token_id):
+    """tokenized: list of B (prompt_ids, chosen_ids, rejected_ids). pack's tensors with the prompt as prefix and
+    chosen, rejected as suffixes 1 and 2, plus attention_mask (1 on real tokens: the token count), and the scoring
+    positions: score_index (n,) flat index b*T+t of the column whose logits score a token, score_target (n,) that
+    token, score_row (n,) its sequence: b for pair b's chosen, B+b for its rejected.
+    """
+    B = len(tokenized)
+    packed = pack([(p, [(c, c), (r, r)]) for p, c, r in tokenized], pad_token_id)
+    T = packed["input_ids"].shape[1]
     index, target, row = [], [], []
     for b, (p, c, r) in enumerate(tokenized):
         P, Ac, Ar = len(p), len(c), len(r)
-        input_ids[b, : P + Ac + Ar] = torch.tensor(p + c + r)
-        position_ids[b, : P + Ac + Ar] = torch.cat([torch.arange(P + Ac), torch.arange(P, P + Ar)])
-        segment[b, :P], segment[b, P : P + Ac], segment[b, P + Ac : P + Ac + Ar] = 0, 1, 2
         # Column of the logits that score each answer token: the previous column, or P-1 for an answer's first.
         index += [b * T + P - 1 + j for j in range(Ac)] + [b * T + (P - 1 if j == 0 else P + Ac + j - 1)
                                                            for j in range(Ar)]
         target += c + r
         row += [b] * Ac + [B + b] * Ar
-    return {"input_ids": input_ids, "attention_mask": (segment >= 0).long(), "position_ids": position_ids,
-            "segment": segment, "score_index": torch.tensor(index), "score_target": torch.tensor(target),
-            "score_row": torch.tensor(row)}
-
-
-def block_mask(segment):
-    """(B, T, T) bool, True where query t may see key s: causal, real keys only, rejected never sees chosen."""
-    T = segment.shape[1]
-    t = torch.arange(T, device=segment.device)
-    causal = t[None, :] <= t[:, None]  # (T, T) key s <= query t
-    cross = (segment[:, :, None] == 2) & (segment[:, None, :] == 1)  # (B, T, T) rejected query, chosen key
-    return causal & (segment[:, None, :] >= 0) & ~cross
+    return {"input_ids": packed["input_ids"], "attention_mask": (packed["segment"] >= 0).long(),
+            "position_ids": packed["position_ids"], "segment": packed["segment"], "score_index": torch.tensor(index),
+            "score_target": torch.tensor(target), "score_row": torch.tensor(row)}
 
 
 def answer_logps(lm_head, h, targets, logits_per_chunk=LOGITS_PER_CHUNK):

@@ -16,14 +16,13 @@ suffix with a space (sena.prompts.GEN_SUFFIX); --suffix changes it, e.g. for the
 Images are checked once before any decoding: a path that leaves the image folder, a missing file or an unreadable
 image is skipped with its questions, counted, and named in one summary line, so a run never stops halfway.
 The model is a callable answer_fn(requests) that sets r["answer"] on dicts with image (a path), prompt and task
-(evaluate.answer_requests), so everything here runs without a model in the tests.
+(sena.world.bench.answer_requests), so everything here runs without a model in the tests.
 """
 
 import json
 import os
 import sys
 
-from sena import cli
 from sena import metrics as M
 from sena.io import atomic_write_text, load_json_list, read_jsonl, safe_join
 
@@ -32,23 +31,6 @@ AMBER_GENERATIVE_QUERY = "Describe this image."
 AMBER_DIMENSIONS = {"discriminative-hallucination": "existence", "discriminative-attribute-state": "attribute",
                     "discriminative-attribute-number": "attribute", "discriminative-attribute-action": "attribute",
                     "discriminative-relation": "relation"}  # fmt: skip
-
-
-def add_model_args(p):
-    """The flags of the model-answering subcommands (evaluate.py pope --model ..., evaluate.py amber ...)."""
-    p.add_argument("--model", help="Hugging Face LLaVA directory that answers the questions")
-    p.add_argument("--image-dir", help="folder holding the benchmark's images (COCO val2014 for POPE, AMBER's)")
-    p.add_argument("--out-dir", help="folder for the answer files and metrics")
-    p.add_argument("--suffix", default=LLAVA_SHORT_ANSWER,
-                   help="appended to each yes/no question (default: %(default)r, LLaVA-1.5's)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="prompts per generate call")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=512,
-                   help="new-token cap for AMBER's descriptions")
-    p.add_argument("--max-new-tokens-short", type=cli.positive_int, default=128, help="new-token cap for yes/no "
-                   "answers (LLaVA's model_vqa_loader default)")  # fmt: skip
-    p.add_argument("--device", type=cli.device, default=None,
-                   help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
 
 
 def check_images(names, image_dir):
@@ -215,3 +197,108 @@ def print_amber_table(res):
         print(f"{g:<12}" + "".join(f"{m[c]:>10d}" if isinstance(m[c], int) else f"{100 * m[c]:>10.2f}" for c in cols))
     print(f"{res['n_generative']} generative responses not scored here (CHAIR/Cover/Hal/Cog need AMBER's word lists "
           "and spaCy: run AMBER's inference.py --evaluation_type g on the responses file)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- POPE answer-file scoring
+
+
+def _check_question(rec):
+    if str(rec.get("label", "")).strip().lower() not in ("yes", "no"):
+        return f"label {rec.get('label')!r} is not yes/no"
+    return None
+
+
+def _check_answer(rec):
+    if not isinstance(rec.get("answer", rec.get("text")), str):
+        return "no string 'answer' (or 'text') field"
+    return None
+
+
+def _first_record(path):
+    """The first line of a JSONL file that parses as an object ({} if none): enough to tell the file's kind."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                return rec
+    return {}
+
+
+def _same_question(asked, text):
+    """An answer's own copy of its question matches the question file's text (a suffix added to it is allowed)."""
+    a, t = " ".join(asked.split()), " ".join(text.split())
+    return a.startswith(t) or t.startswith(a)
+
+
+def score_pope_files(question_files, answer_files, min_answered=0.95, skipped_images=()):
+    """{split: metrics} for paired question/answer files (matched on question_id), plus 'mean_f1' over splits.
+
+    Question lines: question_id, image, text, label (yes/no). Answer lines: question_id and 'answer' (POPE, SeVa)
+    or 'text' (LLaVA's model_vqa). Each split also reports n_bad (lines skipped, repeats included), n_duplicate
+    (repeated question_ids), n_missing (questions without an answer, left out of the metrics) and n_unmatched
+    (answers to no question); when any is non-zero, one line on stderr says so.
+
+    A score that cannot be trusted stops with one line instead (SystemExit): a missing file, swapped question and
+    answer files, a split where fewer than min_answered of the questions have an answer (questions on
+    skipped_images, which --model could not read, aside), and answers whose own 'question' field shows they were
+    given to other questions (answer files not in the order of the question files).
+    """
+    if len(question_files) != len(answer_files):
+        raise SystemExit(f"error: {len(question_files)} question files but {len(answer_files)} answer files")
+    for what, path in [("questions", q) for q in question_files] + [("answers", a) for a in answer_files]:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --{what} file not found: {path}")
+    results = {}
+    for qf, af in zip(question_files, answer_files):
+        if "label" not in _first_record(qf) and "label" in _first_record(af):
+            raise SystemExit(f"error: --questions {qf} has no 'label' and --answers {af} has: the two files are "
+                             "swapped (questions first, then answers)")
+        base = os.path.basename(qf)
+        split = next((s for s in M.POPE_SPLITS if s in base), os.path.splitext(base)[0])
+        split = split if split not in results else f"{split}_{len(results)}"
+        where = f"split {split} ({base} / {os.path.basename(af)})"
+        tq, ta = {}, {}
+        qs, bad_q = read_jsonl(qf, ("question_id",), _check_question, unique="question_id", tally=tq)
+        ans, bad_a = read_jsonl(af, ("question_id",), _check_answer, unique="question_id", tally=ta)
+        qs, ans = ({r["question_id"]: r for r in recs} for recs in (qs, ans))
+        if not qs:
+            raise SystemExit(f"error: {where}: {qf} holds no valid question line ({bad_q} malformed)")
+        ids = [i for i in qs if i in ans]
+        n_unmatched = sum(i not in qs for i in ans)
+        # Dropping unanswered questions changes the score (F1 over the answered half is not the split's F1).
+        expected = sum(q.get("image") not in skipped_images for q in qs.values())
+        if not ids or len(ids) < min_answered * expected:
+            raise SystemExit(f"error: {where}: {len(ids)} of {len(qs)} questions have an answer "
+                             f"({100 * len(ids) / len(qs):.1f}% < --min-answered {100 * min_answered:g}%); "
+                             f"{len(ans)} valid answer lines, {n_unmatched} with a question_id of no question")
+        other = [i for i in ids if isinstance(ans[i].get("question"), str) and isinstance(qs[i].get("text"), str)
+                 and not _same_question(ans[i]["question"], qs[i]["text"])]
+        if other:
+            i = other[0]
+            raise SystemExit(f"error: {where}: {len(other)} answers were given to other questions (question_id "
+                             f"{i!r}: {ans[i]['question']!r} vs {qs[i]['text']!r}); are the --answers files in the "
+                             "order of --questions?")
+        m = M.pope_metrics([ans[i].get("answer", ans[i].get("text")) for i in ids], [qs[i]["label"] for i in ids])
+        m.update(n_bad=bad_q + bad_a, n_duplicate=tq["repeated"] + ta["repeated"], n_missing=len(qs) - len(ids),
+                 n_unmatched=n_unmatched)  # fmt: skip
+        if m["n_bad"] or m["n_missing"] or m["n_unmatched"]:
+            print(f"{where}: left out of the metrics: {m['n_missing']} questions without an answer, "
+                  f"{m['n_unmatched']} answers to no question, {m['n_duplicate']} repeated question_ids, "
+                  f"{m['n_bad'] - m['n_duplicate']} malformed lines", file=sys.stderr)
+        results[split] = m
+    results["mean_f1"] = sum(m["f1"] for m in results.values()) / len(results)
+    return results
+
+
+def print_pope_table(results):
+    cols = ("n", "accuracy", "precision", "recall", "f1", "yes_ratio", "tp", "fp", "tn", "fn", "n_bad", "n_missing",
+            "n_unmatched")
+    print(f"{'split':<12}" + "".join(f"{c:>12}" for c in cols))
+    for split, m in results.items():
+        if split != "mean_f1":
+            cells = [f"{m[c]:>12d}" if isinstance(m[c], int) else f"{100 * m[c]:>12.2f}" for c in cols]
+            print(f"{split:<12}" + "".join(cells))
+    print(f"mean F1 over splits: {100 * results['mean_f1']:.2f}  (rates in %)")

@@ -11,11 +11,12 @@ prompt forward (the image and prompt are ~90% of a SENA sequence).
 
 import torch
 
+from sena.losses import IGNORE_INDEX
+
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-IGNORE_INDEX = -100
 
 
 def prompt_text(user, with_image=True):

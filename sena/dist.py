@@ -38,6 +38,12 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def say(msg):
+    """Print on rank 0 only (every rank computes the same global statistics)."""
+    if rank() == 0:
+        print(msg, flush=True)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -50,6 +50,12 @@ def sha256_weights(model_dir):
     return h.hexdigest()
 
 
+def read_json(path):
+    """A JSON file's content (utf-8)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_jsonl(path, required=(), check=None, unique=None, tally=None, shown=10):
     """Records of a JSONL file. A line that is not a JSON object, lacks a required field, fails `check` (a function
     returning a problem string or None) or repeats an earlier line's `unique` field (the first one counts) is

@@ -1,8 +1,9 @@
 """SENA's losses as pure functions: per-sequence log-probs, DPO, and image content alignment (ICA).
 
-Every function returns per-example values; the caller reduces. SENA's training loss (SENA.md, step 8) is
+The loss functions return per-example values; `ica_reduce` is the one reduction with a choice in it. SENA's
+training loss (the paper's DPO + λ·ICA objective) is
 
-    L = mean_b[ dpo_b ] + λ · mean_b[ ica_b ]        (β = 0.1, λ = 1 in the official runs)
+    L = mean_b[ dpo_b ] + λ · ica_reduce(ica_b)        (β = 0.1, λ = 1 in the official runs)
 
 with `dpo_b` from `dpo_loss` on *summed* token log-probs and `ica_b` from `ica_loss` on *mean-per-token*
 log-probs of the chosen answer, both from `sequence_logps`.
@@ -92,10 +93,21 @@ def ica_loss(policy_chosen_mean_logps, is_description):
     returns: (B,) same dtype as the log-probs; exactly 0 (and zero gradient) where des_b = 0, even if that
              pair's log-prob is -inf.
 
-    The two reductions the caller writes (λ = weight):
-        official (released code), whole-batch mean:  ica = ica_b.mean()
-        switch, mean over description pairs only:    ica = ica_b.sum() / is_description.sum().clamp(min=1)
+    ica_reduce turns these into the batch's ICA term.
     """
     des = is_description.bool()
     # where() rather than multiplying by des: 0·(−inf) would give nan on a gen pair.
     return torch.where(des, -policy_chosen_mean_logps, torch.zeros_like(policy_chosen_mean_logps))
+
+
+def ica_reduce(ica, is_description, reduction="batch"):
+    """The batch's ICA term from ica_loss's per-example values (B,):
+
+        batch (official, released code):  ica = Σ_b ica_b / B            a gen pair counts as a zero
+        des   (switch):                   ica = Σ_b ica_b / max(1, Σ_b des_b)
+
+    For the same λ, "batch" therefore gives ICA the weight of the description pairs' share of the batch.
+    """
+    if reduction not in ("batch", "des"):
+        raise ValueError(f"ICA reduction must be 'batch' or 'des', not {reduction!r}")
+    return ica.sum() / (len(ica) if reduction == "batch" else is_description.float().sum().clamp(min=1))

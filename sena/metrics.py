@@ -13,6 +13,9 @@ from collections import Counter
 # ---------------------------------------------------------------------------------------------------------- POPE
 
 
+POPE_SPLITS = ("random", "popular", "adversarial")  # POPE's three negative-sampling strategies
+
+
 def pope_parse(text):
     """'yes' or 'no' from a free-form answer, by the official POPE/LLaVA rule.
 

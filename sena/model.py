@@ -468,7 +468,3 @@ def _init_weights(m):
     elif isinstance(m, VisionEmbeddings):
         nn.init.normal_(m.class_embedding, std=0.02)
 
-
-# Checkpoint I/O lives in sena/checkpoint.py (kept out of the model file); re-exported so callers import the model
-# and its loader from one place.
-from sena.checkpoint import ModelDirError, load_pretrained, save_pretrained  # noqa: E402, F401

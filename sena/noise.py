@@ -1,4 +1,4 @@
-"""Forward-diffusion noise for SENA's rejected answers (SENA.md, step 4).
+"""Forward-diffusion noise for SENA's rejected answers (the paper's rejected-image step; docs/method.md).
 
 The rejected answer of a pair is the model's answer on a noised copy of the image:
 

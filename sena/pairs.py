@@ -8,6 +8,9 @@ from collections import Counter
 
 from sena.prompts import IMPROVED_MARKER, QUESTION_MARKER
 
+# What report.json counts at each stage of a round, in stage order (sena.selfplay; the HTML report's data table).
+STAGE_COUNTS = ("images", "images_unreadable", "questions_raw", "self_check_dropped", "self_check_rewritten",
+                "questions_name_dropped", "questions_kept", "se_accepted_des", "se_accepted_gen", "candidate_pairs")
 FILTERS = ("repetition", "non_alnum", "identical", "yes_no", "rejected_in_chosen")
 MAX_REPEATS = 30
 

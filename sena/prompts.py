@@ -46,3 +46,11 @@ IMPROVE_NO_DESCRIPTION = (
     "Using the image, give a more precise and concise answer. Answer in the form Improved Answer: ..."
 )
 QUESTION_MARKER = "QUESTION:"
+
+
+def improve_prompt(description, question, answer):
+    """Stage 5's user turn. A description that is a bare "Yes" carries no content, so the released code leaves it
+    out and asks with the image alone."""
+    if description.strip() == "Yes":
+        return IMPROVE_NO_DESCRIPTION.format(question=question, answer=answer)
+    return IMPROVE.format(description=description, question=question, answer=answer)

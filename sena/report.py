@@ -21,14 +21,13 @@ import time
 from PIL import Image
 
 from sena.io import atomic_write_text, read_jsonl, safe_join
-from sena.world.bench import shown
+from sena.pairs import STAGE_COUNTS
+from sena.world.bench import LOWER_IS_BETTER, score_pairs, shown, summary
 
 # Panels of the curve figure: title -> log.jsonl keys drawn in it (train.py writes the usual DPO keys).
 CURVES = (("loss", ("loss", "dpo", "ica")), ("reward margin", ("rewards/margins",)),
           ("reward accuracy", ("rewards/accuracies",)), ("rewards", ("rewards/chosen", "rewards/rejected")),
           ("log-probs", ("logps/chosen", "logps/rejected")), ("grad norm", ("grad_norm",)))  # fmt: skip
-STAGES = ("images", "images_unreadable", "questions_raw", "self_check_dropped", "self_check_rewritten",
-          "questions_name_dropped", "questions_kept", "se_accepted_des", "se_accepted_gen", "candidate_pairs")
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222;background:#fff}
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;border-bottom:2px solid #ccc;margin-top:28px}h3{font-size:15px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
@@ -122,7 +121,7 @@ def image_cfg_for(run_dir, r):
     return None
 
 
-def gallery(run_dir, r, n_images, score_pairs):
+def gallery(run_dir, r, n_images):
     """Cards for n_images images sampled (seeded by round) from the round's pairs: both images, question, pairs."""
     by_image = {}
     for p in r["pairs"]:
@@ -146,7 +145,7 @@ def gallery(run_dir, r, n_images, score_pairs):
                 figs += f'<figure><img src="{data_uri(noised)}"><br>noised t={settings.get("noise_step", 600)}</figure>'
         except (OSError, ValueError) as err:
             figs += f'<span class="muted">image unavailable: {e(err)}</span>'
-        scored = [score_pairs([p], r["scenes"]) if score_pairs and r["scenes"] else None for p in ps]
+        scored = [score_pairs([p], r["scenes"]) if r["scenes"] else None for p in ps]
         q = ps[0]
         q_raw, q_chk = q.get("question_raw"), q.get("question")
         qm = ["", ""]
@@ -195,12 +194,12 @@ def fmt(v, pct=False):
     return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
 
 
-def data_report(rounds, score_pairs):
+def data_report(rounds):
     """Counts per stage and filter, rates, timings and (world) data-side correctness, one column per round."""
     reps = [r["report"] for r in rounds]
     filters = sorted({f for rep in reps for f in rep.get("filtered", {})})
     ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
-    rows = [[s.replace("_", " "), *[fmt(rep.get(s)) for rep in reps]] for s in STAGES]
+    rows = [[s.replace("_", " "), *[fmt(rep.get(s)) for rep in reps]] for s in STAGE_COUNTS]
     rows += [[f"filtered: {f}", *[fmt(rep.get("filtered", {}).get(f)) for rep in reps]] for f in filters]
     rows += [[k, *[fmt(rep.get(k)) for rep in reps]] for k in ("pairs", "pairs_des", "pairs_gen")]
     rows += [["self-check rewrite rate", *[fmt(ratio(rep.get("self_check_rewritten"), rep.get("questions_raw")), 1)
@@ -220,7 +219,7 @@ def data_report(rounds, score_pairs):
                   *[f"{v['chosen']:+.3f} / {v['rejected']:+.3f}" if v else fmt(None) for v in rel]]]
     for part in ("reference", "train", "eval"):
         rows.append([f"seconds ({part})", *[fmt((r["meta"] or {}).get("seconds", {}).get(part)) for r in rounds]])
-    if score_pairs and any(r["scenes"] for r in rounds):
+    if any(r["scenes"] for r in rounds):
         scored = [score_pairs(r["pairs"], r["scenes"]) if r["scenes"] else {} for r in rounds]
         for key in ("question_raw_answerable", "question_answerable", "chosen_correct", "rejected_wrong",
                     "gen_chosen_correct", "gen_rejected_wrong", "des_chosen_correct", "des_rejected_wrong"):
@@ -288,7 +287,7 @@ def flatten(m, prefix=""):
     return out
 
 
-def benchmarks(run_dir, rounds, summary, lower_is_better):
+def benchmarks(run_dir, rounds):
     """θ0 → round k: each metric, each round's delta against θ0 (green better, red worse)."""
     ref = (rounds[0]["meta"] or {}).get("reference") if rounds else None
     theta0 = load_json(os.path.join(run_dir, "theta0", "metrics.json")) or (
@@ -301,7 +300,7 @@ def benchmarks(run_dir, rounds, summary, lower_is_better):
         if m is None:
             return None
         try:
-            return {k: shown(k, v) for k, v in summary(m).items()} if summary else flatten(m)
+            return {k: shown(k, v) for k, v in summary(m).items()}
         except (KeyError, TypeError):
             return flatten(m)
 
@@ -313,21 +312,20 @@ def benchmarks(run_dir, rounds, summary, lower_is_better):
         cells = []
         for i, v in enumerate(views):
             val = (v or {}).get(key)
-            cell = f"{val:.2f}" if summary and val is not None else fmt(val)
+            cell = f"{val:.2f}" if val is not None else fmt(val)
             if i and val is not None and base.get(key) is not None:
                 d = val - base[key]
-                better = d < 0 if key in lower_is_better else d > 0
+                better = d < 0 if key in LOWER_IS_BETTER else d > 0
                 # A yes-ratio is best near 50%, so its delta gets no colour.
                 cls = "muted" if not d or key.endswith("_yes") else "up" if better else "down"
                 cell += f' <span class="{cls}">({d:+.2f})</span>'
             cells.append(cell)
-        rows.append([key + (" ↓" if key in lower_is_better else ""), *cells])
-    unit = " (%)" if summary else ""
-    return table([f"metric{unit}", *[n for n, _ in cols]], rows)
+        rows.append([key + (" ↓" if key in LOWER_IS_BETTER else ""), *cells])
+    return table(["metric (%)", *[n for n, _ in cols]], rows)
 
 
-def build_report(run_dir, n_images=6, score_pairs=None, summary=None, lower_is_better=()):
-    """The report page as a string. score_pairs/summary: evaluate.py's functions (marks, benchmark rows)."""
+def build_report(run_dir, n_images=6):
+    """The report page as a string."""
     rounds = [load_round(run_dir, k) for k in rounds_of(run_dir)]
     meta = next((r["meta"] for r in reversed(rounds) if r["meta"]), None) or {}
     args = meta.get("args", {})
@@ -341,21 +339,21 @@ def build_report(run_dir, n_images=6, score_pairs=None, summary=None, lower_is_b
              "oracle answers it; a des answer is right when it names no absent shape.</p>"]  # fmt: skip
     for r in rounds:
         parts.append(f"<h3>iter {r['k']} · {len(r['pairs'])} pairs"
-                     f"{'' if r['scenes'] else ' · no labels'}</h3>{gallery(run_dir, r, n_images, score_pairs)}")
-    parts.append(f"<h2>Data report</h2>{data_report(rounds, score_pairs)}")
+                     f"{'' if r['scenes'] else ' · no labels'}</h3>{gallery(run_dir, r, n_images)}")
+    parts.append(f"<h2>Data report</h2>{data_report(rounds)}")
     png = curves_png(rounds)
     parts.append("<h2>Training curves</h2>" + (f'<img class="curves" src="{png}">' if png else
                  '<p class="muted">(install matplotlib for plots: requirements-report.txt)</p>'))  # fmt: skip
     parts.append(curves_table(rounds))
-    parts.append(f"<h2>Benchmarks: θ0 → round k</h2>{benchmarks(run_dir, rounds, summary, lower_is_better)}")
+    parts.append(f"<h2>Benchmarks: θ0 → round k</h2>{benchmarks(run_dir, rounds)}")
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>SENA report</title><style>{CSS}</style>'
             f"</head><body>{''.join(parts)}</body></html>")
 
 
-def write_report(run_dir, out=None, n_images=6, **kw):
+def write_report(run_dir, out=None, n_images=6):
     """Write build_report(run_dir) to out (default <run_dir>/report.html) atomically; returns the path."""
     out = out or os.path.join(run_dir, "report.html")
-    atomic_write_text(out, build_report(run_dir, n_images, **kw))
+    atomic_write_text(out, build_report(run_dir, n_images))
     os.chmod(out, 0o644)  # the temp file behind the atomic write is private; a report is for reading
     print(f"report -> {out}")
     return out

@@ -1,4 +1,4 @@
-"""Label-free telemetry of a round's pairs, from θ(k-1), the round's reference (SENA.md, "where we go further").
+"""Label-free telemetry of a round's pairs, from θ(k-1), the round's reference (ours, not the paper's; docs/method.md).
 
 - How often the reference already prefers the chosen answer: the share of pairs whose cached chosen log-prob is above
   the rejected one (summed, what DPO compares, and per token, which discounts length). DPO has the most to teach

@@ -1,8 +1,4 @@
-import os
-import sys
-
 import torch
 
 # The suite runs on 2 shared cores: one thread per test process keeps timings stable and avoids oversubscription.
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

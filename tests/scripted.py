@@ -1,9 +1,9 @@
 """A scripted stand-in for generate.py's decoding call, for tests that need a model that says something.
 
-The tiny random model of tests/tiny.py asks no question, so its rounds end with no pairs, and a test that compares
-two rounds' pairs.jsonl would compare two empty files. Here the one decoding call generate.py makes
-(`generate.generate`, which is sena.generation.generate) is replaced by `scripted_generate`: it decodes each prompt,
-picks a reply by the prompt's kind and a digest of that row's image features, and returns the reply's token ids,
+The tiny random model of sena/tiny.py asks no question, so its rounds end with no pairs, and a test that compares
+two rounds' pairs.jsonl would compare two empty files. Here the one decoding call of a round's self-play
+(`sena.selfplay.generate`, which is sena.generation.generate) is replaced by `scripted_generate`: it decodes each
+prompt, picks a reply by the prompt's kind and a digest of that row's image features, and returns the reply's token ids,
 cut at max_new_tokens as a decoder would. Everything else is the real generate.py on a real tiny LLaVA directory:
 image loading, the diffusion noise, the vision tower's features, the stage files and their resume, sharding under
 torchrun, the question and rewrite parsers, the pair filters. The clean and the noised copy of an image give
@@ -25,8 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from sena import cli, dist, prompts
-from tests import tiny
+from sena import cli, dist, prompts, tiny
 
 SIZES = ("small", "large")
 COLORS = ("red", "blue", "green", "yellow", "purple", "orange")
@@ -138,6 +137,7 @@ def scripted_generate(model, input_ids, pixel_values=None, image_features=None, 
 def main():
     """generate.py with the scripted decoding; with SCRIPTED_KILL_AT=N it SIGKILLs itself at decoding call N."""
     import generate
+    from sena import selfplay
 
     kill_at, calls = int(os.environ.get("SCRIPTED_KILL_AT", 0)), [0]
 
@@ -147,7 +147,7 @@ def main():
             os.kill(os.getpid(), signal.SIGKILL)  # as an OOM killer or a pre-emption would: no cleanup at all
         return scripted_generate(*args, **kwargs)
 
-    generate.generate = decode
+    selfplay.generate = decode
     cli.run(generate.main)
     dist.shutdown()
 

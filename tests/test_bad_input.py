@@ -8,10 +8,10 @@ from PIL import Image
 
 import generate
 import train
+from sena import tiny, trainer
+from sena.checkpoint import load_pretrained
 from sena.image import default_image_cfg, load_image, preprocess
 from sena.io import list_images, read_jsonl, safe_join
-from sena.model import load_pretrained
-from tests import tiny
 
 
 def write_odd_images(folder):
@@ -108,14 +108,14 @@ def test_non_finite_loss_skips_step_then_stops(tmp_path, monkeypatch, capsys):
     imgs = tiny.images(tmp_path / "images", 4)
     tiny.pairs(tmp_path / "run" / "iter_1", imgs, 4)
     calls = {"n": 0}
-    real = train.dpo_loss
+    real = trainer.dpo_loss
 
     def flaky(*a, **k):  # every other call returns a NaN loss
         losses, rc, rr = real(*a, **k)
         calls["n"] += 1
         return (losses * float("nan") if calls["n"] % 2 == 0 else losses), rc, rr
 
-    monkeypatch.setattr(train, "dpo_loss", flaky)
+    monkeypatch.setattr(trainer, "dpo_loss", flaky)
     with pytest.raises(SystemExit, match="non-finite losses"):
         train.main(["--iter", "1", "--base", base, "--images", imgs, "--run-dir", str(tmp_path / "run"),
                     "--batch-size", "1", "--micro-batch-size", "1", "--epochs", "2", "--max-bad-steps", "2",

@@ -7,7 +7,9 @@ import pytest
 
 import evaluate as E
 from sena import benchfiles as BF
-from tests import tiny
+from sena import tiny
+from sena.benchfiles import score_pope_files
+from sena.world import bench
 
 MODEL_ARGS = ["--batch-size", "4", "--max-new-tokens", "5", "--max-new-tokens-short", "3", "--device", "cpu"]
 
@@ -22,14 +24,14 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def prompts_seen(monkeypatch):
-    """Every request the model answers, recorded on its way to the real evaluate.answer_requests."""
-    seen, real = [], E.answer_requests
+    """Every request the model answers, recorded on its way to the real sena.world.bench.answer_requests."""
+    seen, real = [], bench.answer_requests
 
     def spy(model, tok, image_cfg, reqs, *a):
         seen.extend(dict(r) for r in reqs)
         return real(model, tok, image_cfg, reqs, *a)
 
-    monkeypatch.setattr(E, "answer_requests", spy)
+    monkeypatch.setattr(bench, "answer_requests", spy)
     return seen
 
 
@@ -72,7 +74,7 @@ def test_pope_answers_written_in_the_official_format_and_scored(setup, prompts_s
     # The scorer read the written files: answered questions scored, skipped ones counted as missing.
     assert (res["random"]["n"], res["random"]["n_missing"], res["random"]["n_bad"]) == (3, 2, 0)
     assert (res["adversarial"]["n"], res["adversarial"]["n_missing"]) == (2, 1)
-    assert res == E.score_pope_files([rnd, adv], [str(tmp_path / "out" / f"coco_pope_{s}_answers.jsonl")
+    assert res == score_pope_files([rnd, adv], [str(tmp_path / "out" / f"coco_pope_{s}_answers.jsonl")
                                                   for s in ("random", "adversarial")], min_answered=0.5)  # fmt: skip
     assert (
         "skipped 3 of 8 questions on 3 images: missing 1 (img_9.png); outside the image folder 1 "

@@ -3,7 +3,8 @@
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from sena.chat import IGNORE_INDEX, SYSTEM, build_example, collate, encode_answer, encode_prompt
+from sena.chat import SYSTEM, build_example, collate, encode_answer, encode_prompt
+from sena.losses import IGNORE_INDEX
 
 
 def tiny_tokenizer():

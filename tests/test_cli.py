@@ -16,8 +16,8 @@ import torch
 import evaluate
 import generate
 import train
-from sena import cli
-from tests import scripted, tiny
+from sena import cli, selfplay, tiny
+from tests import scripted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -256,7 +256,7 @@ def test_round_pairs_that_are_empty_or_stale(tmp_path, dirs, monkeypatch, capsys
         f"delete {round_dir}")
     # The scripted model says something; with one more image the inputs changed, and an empty round costs nothing
     # to redo: it is generated again, and trains.
-    monkeypatch.setattr(generate, "generate", scripted.scripted_generate)
+    monkeypatch.setattr(selfplay, "generate", scripted.scripted_generate)
     sm = scripted.model_dir(tmp_path / "sm")
     shutil.copytree(tmp_path / "run", tmp_path / "run2")
     tiny.images(imgs, 12)

@@ -6,7 +6,8 @@ import socket
 import subprocess
 import sys
 
-from tests import scripted, tiny
+from sena import tiny
+from tests import scripted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")

@@ -9,17 +9,16 @@ import pytest
 
 import evaluate as E
 from sena import prompts as P
+from sena.benchfiles import score_pope_files
+from sena.world import bench
 from sena.world.language import describe, oracle_answer
 from sena.world.scenes import absent_buddies, sample_scenes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures", "pope")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "pope")
 SPLITS = ("random", "popular", "adversarial")
 
 
 def _fixture_paths():
-    if not os.path.isdir(FIXTURES):
-        pytest.skip(f"POPE fixtures not found at {FIXTURES}")
     qs = [os.path.join(FIXTURES, f"coco_pope_{s}.json") for s in SPLITS]
     ans = [os.path.join(FIXTURES, f"seva_answers_{s}.jsonl") for s in SPLITS]
     return qs, ans
@@ -81,7 +80,7 @@ def test_pope_scorer_bad_lines(tmp_path, capsys):
         '{"question_id": 9}\n'
         "[1, 2]\n"
     )
-    res = E.score_pope_files([str(q)], [str(a)], min_answered=0.5)
+    res = score_pope_files([str(q)], [str(a)], min_answered=0.5)
     err = capsys.readouterr().err
     assert f"{q}:2: skipping malformed line (not valid JSON" in err
     assert f"{q}:3: skipping malformed line (label 'maybe' is not yes/no)" in err
@@ -176,8 +175,8 @@ def _hallucinated_description(sc):
 
 
 def test_world_benchmarks_perfect_answerer():
-    m, reqs = E.run_benchmarks(SCENES, _answerer(_perfect_short, describe), seed=0, pope_k=3)
-    s = E.summary(m)
+    m, reqs = bench.run_benchmarks(SCENES, _answerer(_perfect_short, describe), seed=0, pope_k=3)
+    s = bench.summary(m)
     for key in ("pope_random_acc", "pope_adversarial_f1", "chair_recall", "amber_cover", "amber_f1_all", "amber_score",
                 "vqa_overall", "fmt_ask_question", "fmt_self_check", "fmt_improve", "des_exact"):
         assert s[key] == 1.0, key
@@ -189,7 +188,7 @@ def test_world_benchmarks_perfect_answerer():
 
 
 def test_world_benchmarks_yes_sayer_and_hallucinating_describer():
-    m, _ = E.run_benchmarks(SCENES, _answerer(lambda sc, r: "Yes", _hallucinated_description), seed=0, pope_k=3)
+    m, _ = bench.run_benchmarks(SCENES, _answerer(lambda sc, r: "Yes", _hallucinated_description), seed=0, pope_k=3)
     for split in SPLITS:
         p = m["pope"][split]
         assert (p["yes_ratio"], p["recall"], p["precision"], p["accuracy"]) == (1.0, 1.0, 0.5, 0.5)
@@ -214,7 +213,7 @@ def test_self_enhancement_correctness(rewrite, after):
             if r["task"] == "improve":
                 r["answer"] = f"Improved Answer: The shape is {r['gold']}." if rewrite == "gold" else rewrite
 
-    m, reqs = E.run_benchmarks(SCENES, answer, seed=0, pope_k=3)
+    m, reqs = bench.run_benchmarks(SCENES, answer, seed=0, pope_k=3)
     improve = [r for r in reqs if r["task"] == "improve"]
     assert len(improve) == len(SCENES) and all(r["prompt"].count(P.GEN_SUFFIX.strip()) == 1 for r in improve)
     assert m["format"]["improve_before_correct"] == 1.0
@@ -223,7 +222,7 @@ def test_self_enhancement_correctness(rewrite, after):
 
 def test_compare_prints_deltas(tmp_path, capsys):
     for name, short in (("theta0", lambda sc, r: "Yes"), ("iter_1", _perfect_short)):
-        m, _ = E.run_benchmarks(SCENES, _answerer(short, describe))
+        m, _ = bench.run_benchmarks(SCENES, _answerer(short, describe))
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(m))
     E.main(["--compare", str(tmp_path / "theta0"), str(tmp_path / "iter_1" / "metrics.json")])
@@ -254,7 +253,7 @@ def test_score_pairs_hand_case():
          "question": "What color is the star?", "chosen": "red and blue", "rejected": "blue"},
         {"type": "gen", "image": "other.png", "question_raw": "x?", "question": "x?", "chosen": "a", "rejected": "b"},
     ]  # fmt: skip
-    d = E.score_pairs(pairs, {"s1.png": scene})
+    d = bench.score_pairs(pairs, {"s1.png": scene})
     assert d["n_pairs"] == 7 and d["n_missing_scene"] == 1 and d["n_questions"] == 4
     assert d["question_raw_answerable"] == pytest.approx(3 / 4)  # the square question is not answerable
     assert d["question_answerable"] == pytest.approx(3 / 4)  # the green moon is not there
@@ -268,8 +267,9 @@ def test_score_pairs_hand_case():
 
 def test_main_end_to_end_tiny_model(tmp_path, capsys):
     """A tiny random LLaVA with the world tokenizer: greedy answers for every benchmark, metrics.json written."""
+    from sena.checkpoint import save_pretrained
     from sena.image import default_image_cfg
-    from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
+    from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
     from sena.world.render import render
     from sena.world.tokenizer import build_tokenizer
 
@@ -293,7 +293,8 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
                 "--max-new-tokens", "6", "--max-new-tokens-short", "3", "--device", "cpu"])  # fmt: skip
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert saved["meta"]["n_scenes"] == 4 and saved["pope"]["mean_f1"] == m["pope"]["mean_f1"]
-    assert all(0.0 <= v <= 1.0 for k, v in E.summary(saved).items() if k not in E.WORDS)  # rates; des_words counts
+    # rates; des_words counts words
+    assert all(0.0 <= v <= 1.0 for k, v in bench.summary(saved).items() if k not in bench.WORDS)
     answers = [json.loads(line) for line in (tmp_path / "model" / "eval_answers.jsonl").read_text().splitlines()]
     assert len(answers) > 50 and all(isinstance(r["answer"], str) for r in answers)
     # Greedy decoding: the same (image, prompt) always gets the same answer, whichever task asked it.
@@ -304,15 +305,12 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
 
 
 def test_test_split_written_once_and_never_overwritten(tmp_path):
-    world = pytest.importorskip("sena.world")
-    if not hasattr(world, "write_split"):
-        pytest.skip("sena.world.write_split not available yet")
     d = tmp_path / "test"
-    scenes, labels = E.load_test_scenes(str(d), None, 3, 5)
+    scenes, labels = bench.load_test_scenes(str(d), None, 3, 5)
     assert labels == str(tmp_path / "test_labels.jsonl") and len(scenes) == 3
     assert sorted(os.listdir(d)) == sorted(sc["image"] for sc in scenes)  # images only in the folder
-    again, _ = E.load_test_scenes(str(d), None, 99, 6)  # present: read back, not rewritten
+    again, _ = bench.load_test_scenes(str(d), None, 99, 6)  # present: read back, not rewritten
     assert again == scenes
     os.remove(labels)
     with pytest.raises(SystemExit, match="labels"):
-        E.load_test_scenes(str(d), None, 3, 5)
+        bench.load_test_scenes(str(d), None, 3, 5)

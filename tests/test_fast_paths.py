@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from sena import tiny
 from sena.batch import (
     answer_logps,
     block_mask,
@@ -21,10 +22,10 @@ from sena.batch import (
     plain_pair_logps,
     tokenize_pair,
 )
+from sena.checkpoint import load_pretrained
 from sena.generation import generate
 from sena.lora import apply_lora, lora_parameters
-from sena.model import KVCache, load_pretrained
-from tests import tiny
+from sena.model import KVCache
 from tests.test_generation import IMG, N_IMG, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

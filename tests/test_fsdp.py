@@ -13,7 +13,7 @@ import time
 
 from safetensors.torch import load_file
 
-from tests import tiny
+from sena import tiny
 from tests.test_distributed import ENV, ROOT, free_port, torchrun
 
 KEYS = ("loss", "dpo", "ica", "rewards/margins", "grad_norm")

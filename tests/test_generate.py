@@ -9,17 +9,18 @@ import pytest
 import torch
 
 import generate
+from sena import selfplay, tiny
+from sena.checkpoint import load_pretrained
 from sena.image import load_image, preprocess
-from sena.model import load_pretrained
 from sena.noise import noised_image
-from tests import scripted, tiny
+from tests import scripted
 
 MIN_PAIRS = 4  # of each type; the scripted model gives 11 des and 5 gen pairs on these 20 images
 
 
 @pytest.fixture(autouse=True)
 def scripted_decoding(monkeypatch):
-    monkeypatch.setattr(generate, "generate", scripted.scripted_generate)
+    monkeypatch.setattr(selfplay, "generate", scripted.scripted_generate)
 
 
 def run(tmp_path, out, extra=()):

@@ -7,8 +7,8 @@ import random
 import pytest
 
 import generate
+from sena import tiny
 from sena.io import image_source, list_images, read_image_list
-from tests import tiny
 
 # A hand-made slice of LLaVA-665K's layout: five sources of unequal size, a repeated image, text-only records.
 RECORDS = (

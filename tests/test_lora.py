@@ -246,8 +246,9 @@ def _llava_inputs():
 
 
 def _sena_llava(path):
-    model_mod = pytest.importorskip("sena.model")
-    model, _, _ = model_mod.load_pretrained(path)
+    from sena.checkpoint import load_pretrained
+
+    model, _, _ = load_pretrained(path)
     return model.eval()
 
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from sena.model import KVCache, Llava, ModelConfig, load_pretrained, save_pretrained
+from sena.checkpoint import load_pretrained, save_pretrained
+from sena.model import KVCache, Llava, ModelConfig
 
 IMG = 99  # image token id; n_image_tokens = (32 / 8)^2 = 16
 TOL = 1e-4

@@ -23,8 +23,8 @@ def test_schedule_equals_hand_formula():
     hand = _hand_alphas_cumprod()
     # diffusers builds the schedule in fp32; the cumulative product drifts ~3e-7 from float64 over 1000 steps.
     torch.testing.assert_close(ac.double(), hand, rtol=0, atol=1e-6)
-    assert round(ac[600].item(), 6) == 0.539118  # SENA.md
-    assert round(ac[500].item(), 6) == 0.744799  # MACHINE-NOTES.md
+    assert round(ac[600].item(), 6) == 0.539118  # ᾱ_600 of the released code's sigmoid β schedule (1e-5 .. 5e-3)
+    assert round(ac[500].item(), 6) == 0.744799  # ᾱ_500, computed independently from the same schedule
     # The schedule is not linear: a linear β from 1e-5 to 5e-3 gives a different ᾱ_600.
     linear = torch.cumprod(1 - torch.linspace(1e-5, 5e-3, 1000, dtype=f64), 0)
     assert abs(linear[600].item() - 0.539118) > 0.01

@@ -23,6 +23,7 @@ from sena import report as R
 from sena.image import default_image_cfg
 from sena.noise import noise_generator
 from sena.world import write_split
+from sena.world.bench import run_benchmarks
 from sena.world.language import describe
 from sena.world.scenes import COLORS, SHAPES, sample_scenes
 
@@ -68,7 +69,7 @@ def make_run(root):
         with open(os.path.join(d, "preprocessor_config.json"), "w") as f:
             json.dump(default_image_cfg(72), f)
         with open(os.path.join(d, "metrics.json"), "w") as f:
-            json.dump(E.run_benchmarks(test_scenes, _answerer(good))[0], f)
+            json.dump(run_benchmarks(test_scenes, _answerer(good))[0], f)
     for k in (1, 2):
         pool, labels = os.path.join(run, "pool", f"iter_{k}"), os.path.join(run, "labels", f"pool_iter_{k}.jsonl")
         scenes = write_split(pool, N_IMAGES, seed=k, prefix=f"pool{k}", labels_path=labels)
@@ -162,7 +163,7 @@ def test_report_shows_what_exists(tmp_path, monkeypatch):
     (d / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "type": "gen", "chosen": "red", "rejected": "blue",
                                                "prompt": "q?"}) + "\nnot json\n")  # fmt: skip
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if matplotlib were absent
-    page = R.build_report(str(tmp_path / "bare"), score_pairs=E.score_pairs, summary=E.summary)
+    page = R.build_report(str(tmp_path / "bare"))
     assert "image unavailable" in page and "no training logs" in page and "no metrics.json yet" in page
     assert "install matplotlib" in page and "<img" not in page and "stage / filter" in page
     assert R.build_report(str(tmp_path / "missing")).count("<table>") == 1  # no rounds: an empty data table

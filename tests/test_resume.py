@@ -9,8 +9,9 @@ import time
 
 import torch
 
-from sena.model import load_pretrained
-from tests import scripted, tiny
+from sena import tiny
+from sena.checkpoint import load_pretrained
+from tests import scripted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import train
+from sena import tiny
 from sena.batch import pair_features
+from sena.checkpoint import load_pretrained
 from sena.image import load_image, preprocess
-from sena.model import load_pretrained
 from sena.noise import add_diffusion_noise, noise_generator, noised_image
 from sena.refcache import score_pairs
 from sena.telemetry import image_reliance, reference_preference
-from tests import tiny
 
 
 def test_reference_preference_by_hand():

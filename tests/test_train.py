@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import train
+from sena import tiny
 from sena.batch import pair_batch, pair_logps, tokenize_pair
-from sena.model import load_pretrained
+from sena.checkpoint import load_pretrained
 from sena.refcache import cache_key, load_reference, score_pairs
-from tests import tiny
 
 
 @pytest.fixture(scope="module")

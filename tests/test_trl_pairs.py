@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import generate
+from sena import selfplay, tiny
 from sena.chat import encode_answer, encode_prompt, prompt_text
 from sena.image import load_image, preprocess
-from tests import tiny
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -36,7 +36,7 @@ def round_dir(tmp_path_factory):
     """pairs.jsonl and report.json written by generate.py itself, with the model's outputs scripted per stage."""
     d = tmp_path_factory.mktemp("trl")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generate, "run_prompts", lambda model, tok, feats, users, args, stage, keys, **kw: [
+        mp.setattr(selfplay, "run_prompts", lambda model, tok, feats, users, args, stage, keys, **kw: [
             SCRIPT[stage] for _ in keys])  # fmt: skip
         report = generate.main(["--model", tiny.model_dir(d / "m"), "--images", tiny.images(d / "pool", 3),
                                 "--out", str(d / "round")])  # fmt: skip

@@ -196,9 +196,9 @@ TINY_TRAIN = dict(steps=5, n_scenes=40, per_image=2, batch_size=4, vision_steps=
 def test_build_theta0_deterministic_cached_and_loads_in_transformers(tmp_path, capsys):
     from transformers import LlavaForConditionalGeneration
 
-    from sena.model import load_pretrained
+    from sena.checkpoint import load_pretrained
     from sena.world import build_theta0
-    from sena.world.build import weights_hash
+    from sena.world.theta0 import weights_hash
 
     kw = dict(seed=3, threads=1, log_every=0, model_over=TINY, evaluate=False, **TINY_TRAIN)
     a = build_theta0(str(tmp_path / "a"), **kw)
@@ -267,8 +267,9 @@ def test_stage2_features_noise_only_the_rows_marked_noised():
     from sena.image import default_image_cfg
     from sena.model import Llava
     from sena.noise import add_diffusion_noise
-    from sena.world.build import model_config, stage2_features
+    from sena.world.build import model_config
     from sena.world.encoder import pixels
+    from sena.world.stage2 import stage2_features
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -289,8 +290,9 @@ def test_stage2_features_noise_only_the_rows_marked_noised():
 def test_shared_prefix_packing_equals_unpacked_loss_and_grads():
     from sena.chat import build_example, collate
     from sena.model import Llava
-    from sena.world.build import answer_loss, model_config
+    from sena.world.build import model_config
     from sena.world.data import pack_rows
+    from sena.world.stage2 import answer_loss
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -416,10 +418,10 @@ def test_shipped_theta0_matches_its_meta_and_the_recipe():
     """The θ0 the repository ships: every file has the sha256 its meta.json records, the weights that load hash to
     meta's weights_sha256, and meta's recipe and config.json are what `python -m sena.world.build` builds today (a
     recipe change without a rebuild fails here)."""
-    from sena.model import load_pretrained
+    from sena.checkpoint import load_pretrained
     from sena.world import SHIPPED_THETA0
-    from sena.world.build import MODEL, TRAIN, model_config, weights_hash
-    from sena.world.theta0 import verify
+    from sena.world.build import MODEL, TRAIN, model_config
+    from sena.world.theta0 import verify, weights_hash
 
     meta = verify(SHIPPED_THETA0)
     assert meta["complete"] and meta["seed"] == 0 and len(meta["files_sha256"]) >= 4

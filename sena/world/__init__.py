@@ -35,10 +35,10 @@ from sena.world.scenes import (
     sample_scenes,
 )
 from sena.world.theta0 import SHIPPED as SHIPPED_THETA0
-from sena.world.theta0 import Theta0Error
+from sena.world.theta0 import RecipeError, Theta0Error
 from sena.world.theta0 import install as install_theta0
 
-_LAZY = {"build_theta0", "write_split", "load_scenes", "RecipeError"}
+_LAZY = {"build_theta0", "write_split", "load_scenes"}
 
 
 def __getattr__(name):
@@ -50,7 +50,8 @@ def __getattr__(name):
 
 
 __all__ = ["BACKGROUNDS", "BUDDIES", "COLORS", "COOC", "IMAGE_SIZE", "NUMBERS", "PAIRS", "POSITIONS", "QUESTION_TYPES",
-           "RELATIONS", "SHAPES", "SHIPPED_THETA0", "SIZES", "SYNONYMS", "TEMPLATES", "Theta0Error", "VQA_TYPES",
+           "RecipeError", "RELATIONS", "SHAPES", "SHIPPED_THETA0", "SIZES", "SYNONYMS", "TEMPLATES", "Theta0Error",
+           "VQA_TYPES",
            "absent_buddies", "buddy_rate", "describe", "find", "install_theta0", "mentioned_shapes", "oracle_answer",
            "parse_question", "precise_answer", "question", "question_type", "render", "sample_scene", "sample_scenes",
            *sorted(_LAZY)]

@@ -30,7 +30,7 @@ from sena.world.language import (
 )
 from sena.world.scenes import COLORS, POSITIONS, SHAPES, absent_buddies
 
-SPLITS = ("random", "popular", "adversarial")
+SPLITS = M.POPE_SPLITS
 LOWER_IS_BETTER = ("chair_i", "chair_s", "amber_chair", "amber_hal", "amber_cog")
 WORDS = ("des_words",)  # summary rows that are word counts; every other row is a fraction, shown in %
 
@@ -161,10 +161,8 @@ def follow_up_requests(reqs):
         if r["task"] == "vqa" and r["split"] == "color":
             # The question is the whole short-answer prompt, suffix included, as generate.py passes it.
             d, q, a = des[r["image"]], r["prompt"], r["answer"].strip()
-            prompt = (P.IMPROVE_NO_DESCRIPTION.format(question=q, answer=a) if d == "Yes"
-                      else P.IMPROVE.format(description=d, question=q, answer=a))  # fmt: skip
             out.append({"task": "improve", "split": "improve", "image": r["image"], "gold": r["gold"],
-                        "before": a, "prompt": prompt})  # fmt: skip
+                        "before": a, "prompt": P.improve_prompt(d, q, a)})  # fmt: skip
     return out
 
 
@@ -256,6 +254,20 @@ def answer_requests(model, tok, image_cfg, reqs, image_dir, batch_size, max_new_
             done[(im, p)] = tok.decode(toks, skip_special_tokens=True).strip()
     for r in reqs:
         r["answer"] = done[(r["image"], r["prompt"])]
+
+
+def load_answerer(args, image_dir):
+    """(answer_fn, device): greedy answers from args.model on images under image_dir (answer_requests)."""
+    import torch
+
+    from sena.checkpoint import load_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, image_cfg = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device,
+                                            need_tokenizer=True)
+    model.eval()
+    caps = {True: args.max_new_tokens_short, False: args.max_new_tokens}
+    return lambda rs: answer_requests(model, tok, image_cfg, rs, image_dir, args.batch_size, caps), device
 
 
 def load_test_scenes(test_dir, labels, n, seed):

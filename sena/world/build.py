@@ -19,7 +19,6 @@ benchmark scores.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -28,17 +27,18 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
+from sena.checkpoint import save_pretrained
 from sena.image import default_image_cfg
-from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
-from sena.noise import add_diffusion_noise
+from sena.io import sha256_file
+from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
 from sena.world.data import MixWindows, render_all
-from sena.world.encoder import autocast, cell_targets, lr_at, pixels, pretrain_vision
+from sena.world.encoder import cell_targets, pretrain_vision
 from sena.world.render import IMAGE_SIZE, render
 from sena.world.scenes import COOC, sample_scenes
+from sena.world.stage2 import train_stage2
 from sena.world.tasks import Noise
-from sena.world.theta0 import file_sha256
+from sena.world.theta0 import RecipeError, check_recipe, is_complete, weights_hash
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
 # θ0's shape: 72 px / 24 px patches -> 9 patch tokens, one per grid cell, and CLS (select="full" keeps it as a 10th
@@ -49,8 +49,6 @@ TRAIN = dict(n_scenes=30000,
              vision_steps=2000, vision_batch=128, vision_lr=1e-3, vision_warmup=100, vision_noise=(0.5, 1, 1000),
              steps=3000, batch_size=32, per_image=4, lr=5e-4, warmup=200, lr_floor=0.1, weight_decay=0.01,
              betas=(0.9, 0.98), clip=1.0, stage2_noise=(0.3, 1, 1000))
-THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
-TEST_SEED, N_TEST = 424242, 200  # the world test split evaluate.py writes by default
 
 
 def load_scenes(path) -> list[dict]:
@@ -89,123 +87,19 @@ def model_config(tok, **over) -> ModelConfig:
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
-def answer_loss(model, batch, pixel_values=None, image_features=None):
-    """Cross-entropy over answer tokens, averaged within each example, then over examples.
-
-    Per-example averaging gives a one-word VQA answer the weight of a 30-token description; per-token averaging
-    would spend ~90% of the gradient on descriptions and long rewrites. The LM head runs only where a label
-    follows (t predicts t+1). batch["example"] (B, T) numbers the examples of a row (0 = none), as pack_rows makes.
-    """
-    labels = batch["labels"]
-    sel = torch.zeros_like(labels, dtype=torch.bool)
-    sel[:, :-1] = labels[:, 1:] != -100
-    logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=pixel_values,
-                   image_features=image_features, position_ids=batch.get("position_ids"),
-                   logits_slice=sel)  # (n_answer_tokens, V)
-    nll = F.cross_entropy(logits.float(), labels[:, 1:][sel[:, :-1]], reduction="none")  # (n,)
-    if "example" not in batch:
-        return nll.mean()
-    row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[:, 1:][sel[:, :-1]]
-    ex = batch["example"][:, 1:][sel[:, :-1]] + row * (int(batch["example"].max()) + 1)  # unique example id
-    _, ex = ex.unique(return_inverse=True)
-    count = torch.zeros(int(ex.max()) + 1, device=nll.device).index_add_(0, ex, torch.ones_like(nll))
-    return (nll / count[ex]).sum() / len(count)
-
-
-def stage2_features(model, images, batch, image_cfg, gen, device):
-    """(B, n_image_tokens, D): the frozen tower's features of the batch's images, each noised to its step batch["t"]
-    (0: clean) with SENA's forward diffusion, through the trainable projector."""
-    x = pixels(images[batch["image"]], image_cfg)
-    noised = batch["t"] > 0
-    if noised.any():
-        x[noised] = add_diffusion_noise(x[noised], batch["t"][noised], generator=gen)
-    with torch.no_grad():
-        feats = model.vision_hidden(x.to(device))[:, model.config.first_image_feature:]
-    return model.model.multi_modal_projector(feats)
-
-
-def train_stage2(model, images, data, image_cfg, tr, gen, device="cpu", bf16=False, workers=0, log_every=50,
-                 log=print) -> list[float]:
-    """Stage 2's loop: projector + language model (the tower is frozen), AdamW (no decay on norms and biases),
-    warmup then cosine to tr["lr_floor"]·lr, clipping; answer_loss on MixWindows' packed batches. Returns the
-    per-step losses."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tr["lr"], betas=tuple(tr["betas"]))
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None)
-    model.train()
-    losses, t0, step = [], time.time(), 0
-    for window in loader:
-        for batch in window:
-            batch = {k: v.to(device, non_blocking=True) if k not in ("image", "t") else v for k, v in batch.items()}
-            with autocast(device, bf16):
-                feats = stage2_features(model, images, batch, image_cfg, gen, device)
-                loss = answer_loss(model, batch, image_features=feats)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"], tr["lr_floor"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], tr["clip"])
-            opt.step()
-            losses.append(loss.item())
-            if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
-                avg = sum(losses[-log_every:]) / len(losses[-log_every:])
-                el = time.time() - t0
-                eta = el / (step + 1) * (tr["steps"] - step - 1)
-                log(f"theta0 stage 2 step {step:05d}/{tr['steps']} | loss {avg:.4f} | gnorm {gnorm:.2f} | "
-                    f"lr {opt.param_groups[0]['lr']:.2e} | {el:.0f}s, eta {eta:.0f}s")
-            step += 1
-    return losses
-
-
-def weights_hash(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def is_complete(path) -> bool:
-    if not all(os.path.isfile(os.path.join(path, f)) for f in THETA0_FILES):
-        return False
-    with open(os.path.join(path, "meta.json")) as f:
-        return bool(json.load(f).get("complete"))
-
-
-class RecipeError(ValueError):
-    """A cached θ0 built with another recipe than the one asked for (the CLIs print it as one line)."""
-
-
-def check_recipe(out, recipe):
-    """Refuse a cached θ0 built with another recipe (seed, train, model, noise) than the one asked for: it would be
-    reused silently and every number after it would belong to another θ0."""
-    path = os.path.join(out, "meta.json")
-    with open(path) as f:
-        meta = json.load(f)
-    asked = json.loads(json.dumps(recipe))  # as meta.json holds it: tuples -> lists
-    diffs = [f"seed {meta['seed']} (asked {asked['seed']})"] if meta.get("seed") != asked["seed"] else []
-    for part in ("train", "model", "noise"):
-        have = meta.get(part, {})
-        diffs += [f"{part}.{k} {have.get(k)} (asked {v})" for k, v in asked[part].items() if have.get(k) != v]
-    if diffs:
-        raise RecipeError(f"{path}: the cached θ0 was built with {'; '.join(diffs)}. Use another directory, or "
-                          f"delete {out} to rebuild it")
-
-
 def evaluate_theta0(model_dir, device="cpu", batch_size=64) -> dict:
     """θ0's world benchmarks (sena/world/bench.py) on the default test split, written to a temporary folder."""
-    from sena.model import load_pretrained
+    from sena import flags
+    from sena.checkpoint import load_pretrained
     from sena.world.bench import answer_requests, run_benchmarks, summary
 
+    split = flags.defaults(flags.world_eval_flags())  # evaluate.py's test split and token caps
     model, tok, image_cfg = load_pretrained(model_dir, device=device)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        scenes = write_split(os.path.join(tmp, "test"), N_TEST, TEST_SEED, "test", os.path.join(tmp, "labels.jsonl"))
-        caps = {True: 16, False: 96}
+        scenes = write_split(os.path.join(tmp, "test"), split.n_test, split.test_seed, "test",
+                             os.path.join(tmp, "labels.jsonl"))
+        caps = {True: split.max_new_tokens_short, False: split.max_new_tokens}
         metrics, _ = run_benchmarks(scenes, lambda rs: answer_requests(model, tok, image_cfg, rs,
                                                                        os.path.join(tmp, "test"), batch_size, caps))
     return summary(metrics)
@@ -273,7 +167,7 @@ def build_theta0(out, seed=0, noise: Noise | None = None, device="cpu", threads=
     if evaluate:
         meta["metrics"] = evaluate_theta0(tmp, device)
         meta["seconds"]["evaluate"] = round(time.time() - t0 - t_train, 1)
-    meta["files_sha256"] = {f: file_sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+    meta["files_sha256"] = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
@@ -311,5 +205,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
 
 
-if __name__ == "__main__":
+def cli_main():
+    """The console script `sena-build-theta0` (pip install -e .), the same as `python -m sena.world.build`."""
     main()
+
+
+if __name__ == "__main__":
+    cli_main()

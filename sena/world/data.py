@@ -13,7 +13,8 @@ import types
 import numpy as np
 import torch
 
-from sena.chat import IGNORE_INDEX, build_example
+from sena.batch import block_mask, pack
+from sena.chat import build_example
 from sena.world.render import render
 from sena.world.tasks import sample_examples
 
@@ -50,44 +51,23 @@ class MemoTokenizer:
 
 
 def pack_rows(examples, prefix_len, pad_token_id):
-    """Shared-prefix packing: several examples of one image in one row, the prefix (BOS, system line, image) once.
+    """Several examples of one image in one row, the prefix (BOS, system line, image) once (sena.batch.pack).
 
-    examples: list of rows, each a list of (input_ids, labels) that share their first prefix_len tokens.
-        columns   [ prefix (P) | example 1 suffix | example 2 suffix | ... | pad ]
-        positions   0 .. P-1     P .. P+n1-1        P .. P+n2-1              0
-        sees        prefix       prefix + itself    prefix + itself          itself
-    Every example token has exactly the keys and positions of its own unpacked sequence, so the loss equals that of
-    the unpacked batch (up to float summation order) at a fraction of the compute. The first token of each suffix
-    is a prompt token (label IGNORE_INDEX), so no example is ever asked to predict the next example.
+    examples: list of rows, each a list of (input_ids, labels) that share their first prefix_len tokens. Every
+    example token has exactly the keys and positions of its own unpacked sequence, so the loss equals that of the
+    unpacked batch (up to float summation order) at a fraction of the compute. The first token of each suffix is a
+    prompt token (label IGNORE_INDEX), so no example is ever asked to predict the next example.
     Returns input_ids, labels, position_ids, example (B, T; 0 = prefix or padding, j = the row's j-th example) and
     attention_mask, a (B, T, T) bool block mask.
     """
     rows = []
     for exs in examples:
-        ids, labels = list(exs[0][0][:prefix_len]), [IGNORE_INDEX] * prefix_len
-        pos, seg = list(range(prefix_len)), [0] * prefix_len
-        for j, (e_ids, e_labels) in enumerate(exs):
-            assert e_ids[:prefix_len] == ids[:prefix_len], "examples of one row must share the prefix"
-            n = len(e_ids) - prefix_len
-            ids += e_ids[prefix_len:]
-            labels += e_labels[prefix_len:]
-            pos += range(prefix_len, prefix_len + n)
-            seg += [j + 1] * n
-        rows.append((ids, labels, pos, seg))
-    B, T = len(rows), max(len(r[0]) for r in rows)
-    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)  # -1: padding, sees only itself
-    for b, (i, lab, p, sg) in enumerate(rows):
-        n = len(i)
-        input_ids[b, :n], labels[b, :n] = torch.tensor(i), torch.tensor(lab)
-        position_ids[b, :n], segment[b, :n] = torch.tensor(p), torch.tensor(sg)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T): key column <= query column
-    sq, sk = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
-    mask = causal & (sk >= 0) & ((sk == 0) | (sk == sq))  # (B, T, T)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
-            "example": segment.clamp(min=0)}
+        prefix = exs[0][0][:prefix_len]
+        assert all(ids[:prefix_len] == prefix for ids, _ in exs), "examples of one row must share the prefix"
+        rows.append((prefix, [(ids[prefix_len:], labels[prefix_len:]) for ids, labels in exs]))
+    packed = pack(rows, pad_token_id)
+    segment = packed.pop("segment")
+    return packed | {"attention_mask": block_mask(segment), "example": segment.clamp(min=0)}
 
 
 class MixWindows(torch.utils.data.Dataset):

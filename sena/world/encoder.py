@@ -8,12 +8,12 @@ happens to resemble. Labels are world labels, as everywhere in the θ0 build; SE
 """
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 
 from sena.noise import add_diffusion_noise
+from sena.schedule import lr_at
 from sena.world.scenes import COLORS, SHAPES, SIZES
 
 
@@ -92,7 +92,7 @@ def pretrain_vision(model, images, targets, image_cfg, gen, tr, device="cpu", bf
                    for k, lg in enumerate(logits))
         loss = loss + F.binary_cross_entropy_with_logits(bag, present[idx].to(device)[:, None].expand_as(bag))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, tr["vision_lr"], tr["vision_warmup"])
+            g["lr"] = lr_at(step, steps, tr["vision_lr"], tr["vision_warmup"], floor=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,11 +116,3 @@ def tower_features(model, images, image_cfg, chunk=256, t=None, generator=None) 
             x = add_diffusion_noise(x, t[s: s + chunk], generator=generator)
         feats.append(model.vision_hidden(x)[:, first:])
     return torch.cat(feats)
-
-
-def lr_at(step, steps, lr, warmup, floor=0.1):
-    """Linear warmup to lr over `warmup` steps, then cosine decay to floor·lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, steps - warmup)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))

@@ -216,9 +216,7 @@ def make_example(rng, scene: dict, kind: str, noise: Noise) -> tuple[str, str]:
         short = rng.random() < 0.7
         target = gold if short and gold is not None else L.precise_answer(scene, q)
         q = q + P.GEN_SUFFIX if short else q
-    user = (P.IMPROVE_NO_DESCRIPTION.format(question=q, answer=cur) if desc == "Yes"
-            else P.IMPROVE.format(description=desc, question=q, answer=cur))
-    return user, f"{P.IMPROVED_MARKER} {target}"
+    return P.improve_prompt(desc, q, cur), f"{P.IMPROVED_MARKER} {target}"
 
 
 def sample_examples(rng, scene: dict, n: int, noise: Noise) -> list[tuple[str, str, str]]:

@@ -10,20 +10,15 @@ import json
 import os
 import shutil
 
+from sena.io import sha256_file
+
+THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "theta0")
 WEIGHTS = "model.safetensors"
 
 
 class Theta0Error(ValueError):
     """A θ0 directory that is missing, corrupt, or another θ0 than the one asked for (the CLIs print one line)."""
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_meta(src) -> dict:
@@ -48,11 +43,46 @@ def verify(src) -> dict:
         path = os.path.join(src, name)
         if not os.path.isfile(path):
             raise Theta0Error(f"{path} is missing (listed in {os.path.join(src, 'meta.json')})")
-        got = file_sha256(path)
+        got = sha256_file(path)
         if got != want:
             raise Theta0Error(f"{path}: sha256 {got[:12]}… differs from {want[:12]}… in meta.json (a corrupt copy, "
                               f"or a Git LFS pointer instead of the file)")
     return meta
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def is_complete(path) -> bool:
+    if not all(os.path.isfile(os.path.join(path, f)) for f in THETA0_FILES):
+        return False
+    with open(os.path.join(path, "meta.json")) as f:
+        return bool(json.load(f).get("complete"))
+
+
+class RecipeError(ValueError):
+    """A cached θ0 built with another recipe than the one asked for (the CLIs print it as one line)."""
+
+
+def check_recipe(out, recipe):
+    """Refuse a cached θ0 built with another recipe (seed, train, model, noise) than the one asked for: it would be
+    reused silently and every number after it would belong to another θ0."""
+    path = os.path.join(out, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    asked = json.loads(json.dumps(recipe))  # as meta.json holds it: tuples -> lists
+    diffs = [f"seed {meta['seed']} (asked {asked['seed']})"] if meta.get("seed") != asked["seed"] else []
+    for part in ("train", "model", "noise"):
+        have = meta.get(part, {})
+        diffs += [f"{part}.{k} {have.get(k)} (asked {v})" for k, v in asked[part].items() if have.get(k) != v]
+    if diffs:
+        raise RecipeError(f"{path}: the cached θ0 was built with {'; '.join(diffs)}. Use another directory, or "
+                          f"delete {out} to rebuild it")
 
 
 def install(run_dir, src=SHIPPED) -> str:

@@ -1,4 +1,4 @@
-"""Tiny things the end-to-end tests build in code: a word tokenizer, a random LLaVA directory, images, pairs."""
+"""Tiny things tests and benchmarks build in code: a word tokenizer, a random LLaVA directory, images, pairs."""
 
 import json
 import os
@@ -11,8 +11,9 @@ from transformers import PreTrainedTokenizerFast
 
 from sena import prompts
 from sena.chat import SYSTEM
+from sena.checkpoint import save_pretrained
 from sena.image import default_image_cfg
-from sena.model import Llava, ModelConfig, TextConfig, VisionConfig, save_pretrained
+from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
 
 WORDS = "what color is the star circle square red blue green a small large at top left right yes no there one two ?"
 
