@@ -28,6 +28,7 @@ from sena.world.scorecard import compare, evaluate_model
 
 say = dist.say
 
+
 def round_done(run_dir, k):
     return os.path.exists(os.path.join(run_dir, f"iter_{k}", "meta.json"))
 
@@ -129,6 +130,8 @@ def prepare_data(args, k, prev, round_dir, world):
 
 
 def run_round(args, k, world):
+    """Round k, top to bottom: θ(k-1) -> pairs -> reference log-probs -> DPO + λ·ICA -> θ(k) -> benchmarks -> meta.json.
+    Returns θ(k)'s directory."""
     run_dir = args.run_dir
     round_dir = os.path.join(run_dir, f"iter_{k}")
     out_model = os.path.join(round_dir, "model")
