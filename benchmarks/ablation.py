@@ -99,7 +99,7 @@ def table(out, seeds, variants, n_iters):
     for v in variants:
         cells = [" / ".join("-" if curve[v][k][r] is None else f"{shown(r, curve[v][k][r][0]):.1f}" for r in CURVE)
                  for k in range(n_iters + 1)]
-        print(f"{names.get(v, v):<12}" + "".join(f"{f'iter {k}: ' + c:>34}" for k, c in enumerate(cells)))
+        print(f"{names.get(v, v):<12}" + " | ".join(f"iter {k}: {c}" for k, c in enumerate(cells)))
     eff = effects(out, seeds, variants[0], n_iters)
     with open(os.path.join(out, "table.json"), "w") as f:
         json.dump({"final": res, "curve": curve, "effects": eff}, f, indent=2)
