@@ -6,7 +6,6 @@ logits; per-image features = per-pair features; shared-prefix + compacting gener
 """
 
 import os
-import sys
 
 import pytest
 import torch
@@ -179,8 +178,7 @@ def test_activation_checkpointing_equal_plain_backward(setup):
 
 
 def test_gpu_readiness_tiny_runs(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gpu_readiness
+    from benchmarks import gpu_readiness
 
     res = gpu_readiness.main(["--tiny", "--steps", "1", "--no-json", "--peak-tflops", "1"])
     for key in ("train_pairs_per_s", "train_tokens_per_s", "ref_pairs_per_s", "train_mfu", "peak_memory_mb"):
