@@ -190,12 +190,17 @@ def add(parser, group):
     return parser
 
 
+def _dest(flag):
+    """argparse's attribute name of a flag: --noise-step -> noise_step."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 def defaults(group, **values) -> argparse.Namespace:
     """The namespace `parser.parse_args` gives for this group with no flags but `values` (Python values, already of
     the flag's type). Required flags must be in `values`; a name the group does not have is refused."""
     ns = {}
     for flag, kw in group:
-        dest = flag.lstrip("-").replace("-", "_")
+        dest = _dest(flag)
         default = False if kw.get("action") == "store_true" else kw.get("default")
         if isinstance(default, str) and "type" in kw:  # as argparse does: a string default goes through the type
             default = kw["type"](default)
@@ -203,7 +208,7 @@ def defaults(group, **values) -> argparse.Namespace:
     unknown = set(values) - set(ns)
     if unknown:
         raise TypeError(f"flags {sorted(unknown)} are not in this group")
-    missing = [flag for flag, kw in group if kw.get("required") and flag.lstrip("-").replace("-", "_") not in values]
+    missing = [flag for flag, kw in group if kw.get("required") and _dest(flag) not in values]
     if missing:
         raise TypeError(f"required flags {missing} have no value")
     return argparse.Namespace(**(ns | values))

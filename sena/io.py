@@ -50,6 +50,12 @@ def sha256_weights(model_dir):
     return h.hexdigest()
 
 
+def read_lines(path):
+    """A text file's lines (utf-8), without their line ends."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
 def read_json(path):
     """A JSON file's content (utf-8)."""
     with open(path, encoding="utf-8") as f:

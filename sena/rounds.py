@@ -18,12 +18,12 @@ import time
 
 from sena import cli, dist, flags
 from sena.checkpoint import load_pretrained, save_pretrained
-from sena.io import atomic_write_text, read_json, read_jsonl, sha256_file
+from sena.io import atomic_write_text, read_json, read_jsonl, read_lines, sha256_file
 from sena.refcache import cache_key, load_reference, save_reference, score_pairs
 from sena.report import write_report
 from sena.selfplay import generate_round, round_images, round_inputs
 from sena.telemetry import image_reliance, reference_preference, summary_line
-from sena.trainer import autocast_dtype, read_lines, train_round, weight_dtype
+from sena.trainer import autocast_dtype, train_round, weight_dtype
 from sena.world.scorecard import compare, evaluate_model
 
 say = dist.say

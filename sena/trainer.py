@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from sena import dist
 from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained
-from sena.io import atomic_write_text
+from sena.io import atomic_write_text, read_lines
 from sena.lora import apply_lora, lora_disabled, merge_lora
 from sena.losses import dpo_loss, ica_loss, ica_reduce
 from sena.schedule import lr_at
@@ -232,8 +232,3 @@ def check_reference(model, batch, feats, refs, cuda):
     if diff > tol:
         raise SystemExit(f"cached reference log-probs differ from a live forward by {diff:.2e} > {tol:.1e}")
     say(f"reference check: cached vs live max |Δ logp| = {diff:.2e} (tol {tol:.1e})")
-
-
-def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
