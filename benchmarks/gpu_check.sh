@@ -15,7 +15,7 @@
 # (both folders in .git/info/exclude; on the GPU: pip install --no-index --no-deps --target /tmp/site .whl/*.whl and
 # PYTHONPATH=/tmp/site before this script).
 # Stages:
-#   build         θ0 built on the GPU from seed 0 (bf16 autocast, DataLoader workers): time, hash and benchmarks
+#   build         θ0 built on the GPU from the shipped θ0's seed (bf16 autocast, DataLoader workers): time, hash and benchmarks
 #                 against the shipped CPU-built θ0's meta.json
 #   readiness     LLaVA-1.5-7B shapes, bf16 base + fp32 LoRA r=128, 4 pairs/step; then checkpointing, 16 pairs/step
 #   bf16_pairs    round 1 on the CPU round's own pairs: bf16 reference cache, step-0 check, bf16 LoRA training,
@@ -63,7 +63,8 @@ json.dump(r, open(sys.argv[3], 'w'))" "$C/cpu_iter_1/report.json" "$d/pool/iter_
 '| transformers', transformers.__version__, '| diffusers', diffusers.__version__)"; } | tee -a "$LOG"
 
 if [ "$DEV" = cuda ]; then
-    stage build 330 $PY -m sena.world.build --device cuda --out "$W/theta0_cuda"
+    SEED=$($PY -c "import json; print(json.load(open('sena/world/theta0/meta.json'))['seed'])")
+    stage build 330 $PY -m sena.world.build --device cuda --seed "$SEED" --out "$W/theta0_cuda"
     $PY -c "import json, sys; a, b = (json.load(open(p)) for p in sys.argv[1:]); \
 print('theta0 build', a['device'], a['seconds'], a['weights_sha256'][:12], '| shipped', b['device'], b['seconds'], \
 b['weights_sha256'][:12]); [print(f'{k:24s} cuda-built {a[\"metrics\"][k]:.3f}  shipped {b[\"metrics\"][k]:.3f}') \
