@@ -40,6 +40,11 @@ def round_flags():
         ("--self-check", dict(choices=["image", "text", "off"], default="image",
                               help="self-check turn with the image (paper), text-only (released code) or skipped "
                                    "(the no-sq ablation)")),
+        ("--ask-temperature", dict(type=cli.non_negative_float, default=0.0,
+                                   help="sample the self-asked question at this temperature, seeded per (seed, round, "
+                                        "image); 0: greedy like every other stage")),
+        ("--keep-yes-no", dict(action="store_true",
+                               help="keep pairs whose answer is exactly Yes or No (the released code drops them)")),
         ("--noise-step", dict(type=cli.int_in(0, 999), default=600,
                               help="diffusion step t of the rejected image, of the schedule's 1000 (0..999)")),
         ("--enhance-types", dict(choices=["des,gen", "gen"], default="des,gen", metavar="{des,gen | gen}",

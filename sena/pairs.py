@@ -54,12 +54,13 @@ def _mostly_symbols(text):
     return sum(not c.isalnum() for c in text) > len(text) / 2
 
 
-def pair_filter(chosen, rejected):
+def pair_filter(chosen, rejected, keep_yes_no=False):
     """Name of the first filter a (chosen, rejected) pair fails, or None when the pair is kept.
 
     In order: an answer repeats a sentence or a token more than 30 times; more than half of an answer's characters
     are not alphanumeric; chosen == rejected; an answer is exactly "Yes" or "No"; the lower-cased rejected answer
-    is a substring of the lower-cased chosen answer (the pair then teaches nothing but length).
+    is a substring of the lower-cased chosen answer (the pair then teaches nothing but length). keep_yes_no skips
+    the yes/no filter (ours: the released code has no switch for it).
     """
     answers = (chosen, rejected)
     if any(_too_repetitive(a) for a in answers):
@@ -68,7 +69,7 @@ def pair_filter(chosen, rejected):
         return "non_alnum"
     if chosen == rejected:
         return "identical"
-    if any(a.strip() in ("Yes", "No") for a in answers):
+    if not keep_yes_no and any(a.strip() in ("Yes", "No") for a in answers):
         return "yes_no"
     if rejected.lower() in chosen.lower():
         return "rejected_in_chosen"

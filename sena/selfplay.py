@@ -43,8 +43,10 @@ def encode_images(model, pixels, batch_size):
 
 
 @torch.no_grad()
-def run_prompts(model, tok, feats, users, args, stage, keys, with_image=True):
-    """Greedy answers to users[i] about image feats[i], batched and sorted by prompt length.
+def run_prompts(model, tok, feats, users, args, stage, keys, with_image=True, temperature=0.0):
+    """Greedy answers to users[i] about image feats[i], batched and sorted by prompt length (temperature > 0: sampled,
+    one prompt at a time with a generator seeded by (seed, round, stage, key), so a draw does not depend on batching,
+    sharding or a resume).
 
     Resumable: each finished batch is appended to <out>/stages/<stage>.jsonl under its key (image name), and a rerun
     generates only the keys not there yet, so a killed 6K-image round loses at most one batch per stage.
@@ -58,14 +60,25 @@ def run_prompts(model, tok, feats, users, args, stage, keys, with_image=True):
     with open(path, "a", encoding="utf-8") as f:
         for s in tqdm(range(0, len(order), args.batch_size), desc=stage, leave=False, disable=None):
             idx = order[s : s + args.batch_size]
-            new = generate(model, [ids[i] for i in idx], image_features=feats[idx] if with_image else None,
-                           max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, prefix_cache=getattr(args, "prefix_cache", None))
+            kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      prefix_cache=getattr(args, "prefix_cache", None))
+            if temperature > 0:
+                new = [generate(model, [ids[i]], image_features=feats[i : i + 1] if with_image else None,
+                                do_sample=True, temperature=temperature,
+                                generator=draw_generator(args, stage, keys[i], feats.device), **kw)[0] for i in idx]
+            else:
+                new = generate(model, [ids[i] for i in idx], image_features=feats[idx] if with_image else None, **kw)
             for i, toks in zip(idx, new):
                 done[keys[i]] = tok.decode(toks, skip_special_tokens=True).strip()
                 f.write(json.dumps({"key": keys[i], "text": done[keys[i]]}) + "\n")
             f.flush()
     return [done[k] for k in keys]
+
+
+def draw_generator(args, stage, key, device):
+    """The random stream of one sampled answer: a function of (seed, round, stage, image name) only."""
+    digest = hashlib.sha256(f"{args.seed}-{args.round}-{stage}-{key}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def load_stage(path, signature):
@@ -96,8 +109,9 @@ def load_stage(path, signature):
 
 def ask_questions(model, tok, feats, names, args, counts):
     """Stage 1: one question per image, then the self-check. Returns (raw, checked) lists, None where dropped."""
-    raw = [extract_questions(t) for t in run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(feats), args,
-                                                     "ask", names)]
+    asked = run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(feats), args, "ask", names,
+                        temperature=args.ask_temperature)
+    raw = [extract_questions(t) for t in asked]
     counts["questions_raw"] = sum(q is not None for q in raw)
     if args.self_check == "off":
         checked = list(raw)
@@ -263,7 +277,7 @@ def generate_round(args):
     filtered = dict.fromkeys(FILTERS, 0)
     kept = []
     for p in pairs:
-        reason = pair_filter(p["chosen"], p["rejected"])
+        reason = pair_filter(p["chosen"], p["rejected"], args.keep_yes_no)
         if reason is None:
             kept.append(p)
         else:

@@ -109,3 +109,31 @@ def test_enhance_types_gen_leaves_descriptions_raw(tmp_path):
     run(tmp_path, "b")  # the default rewrites descriptions too: the check above can fail
     assert any("enhance_des" in s for s in os.listdir(tmp_path / "b" / "stages"))
     assert any(p["chosen"] != p["chosen_raw"] for p in read_pairs(tmp_path / "b" / "pairs.jsonl") if p["type"] == "des")
+
+
+def test_sampled_questions_depend_on_seed_round_and_image_not_on_batching(tmp_path, monkeypatch):
+    """--ask-temperature: the self-asked question is drawn, not argmaxed, from a stream seeded by (seed, round, image),
+    so batch size (and hence sharding or a resume) cannot change it, while another seed or round does."""
+    import argparse
+    from glob import glob
+
+    from sena import prompts
+    from sena.generation import generate as real_generate
+
+    monkeypatch.setattr(selfplay, "generate", real_generate)
+    model, tok, cfg = load_pretrained(tiny.model_dir(tmp_path / "m"), need_tokenizer=True)
+    paths = sorted(glob(os.path.join(tiny.images(tmp_path / "img", 6), "*")))
+    feats = selfplay.encode_images(model, torch.stack([preprocess(load_image(p), cfg) for p in paths]), 4)
+    keys = [os.path.basename(p) for p in paths]
+
+    def ask(out, batch, seed=0, rnd=1, temperature=1.0):
+        args = argparse.Namespace(out=str(tmp_path / out), signature="s", batch_size=batch, max_new_tokens=12,
+                                  seed=seed, round=rnd)
+        return selfplay.run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(keys), args, "ask", keys,
+                                    temperature=temperature)
+
+    a = ask("a", 4)
+    assert all(a) and len(set(a)) > 1  # non-empty, and not one string for every image
+    assert ask("b", 1) == a
+    assert ask("c", 4, seed=1) != a and ask("d", 4, rnd=2) != a
+    assert ask("e", 4, temperature=0.0) != a

@@ -35,5 +35,7 @@ def test_pair_filter_each_rule():
     assert pair_filter("red", "red") == "identical"
     assert pair_filter("Yes", "No, there is none.") == "yes_no"
     assert pair_filter("Yes, there is a star.", "No") == "yes_no"
+    assert pair_filter("No", "Yes", keep_yes_no=True) is None  # --keep-yes-no: only this rule is lifted
+    assert pair_filter("Yes", "Yes", keep_yes_no=True) == "identical"
     assert pair_filter("A small red star.", "RED STAR") == "rejected_in_chosen"
     assert pair_filter("red star", "A small red star.") is None  # chosen inside rejected is allowed
