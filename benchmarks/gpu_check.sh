@@ -15,8 +15,8 @@
 # (both folders in .git/info/exclude; on the GPU: pip install --no-index --no-deps --target /tmp/site .whl/*.whl and
 # PYTHONPATH=/tmp/site before this script).
 # Stages:
-#   build         θ0 built on the GPU from the shipped θ0's seed (bf16 autocast, DataLoader workers): time, hash and benchmarks
-#                 against the shipped CPU-built θ0's meta.json
+#   build         θ0 built on the GPU from the shipped θ0's seed (bf16 autocast, DataLoader workers): time, hash
+#                 and benchmarks against the shipped CPU-built θ0's meta.json
 #   readiness     LLaVA-1.5-7B shapes, bf16 base + fp32 LoRA r=128, 4 pairs/step; then checkpointing, 16 pairs/step
 #   bf16_pairs    round 1 on the CPU round's own pairs: bf16 reference cache, step-0 check, bf16 LoRA training,
 #                 evaluation -> compare log.jsonl and metrics with the fp32 CPU round (same pairs, same seed)

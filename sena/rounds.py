@@ -77,8 +77,7 @@ def generation_args(args, k, prev, round_dir, world):
     return flags.defaults(flags.generate_flags(), model=prev, out=round_dir, round=k, seed=args.seed,
                           self_check=args.self_check if self_check == "image" else self_check,
                           ask_temperature=args.ask_temperature, keep_yes_no=args.keep_yes_no,
-                          noise_step=args.noise_step,
-                          batch_size=args.gen_batch_size, device=args.device,
+                          noise_step=args.noise_step, batch_size=args.gen_batch_size, device=args.device,
                           no_enhance=not enhance, enhance_types=args.enhance_types, **images)
 
 
