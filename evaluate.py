@@ -9,12 +9,14 @@
     python evaluate.py --compare DIR_OR_JSON [DIR_OR_JSON ...]
         Prints several models' metrics.json side by side (θ0, round 1, ...) with deltas against the first.
     python evaluate.py pope --questions coco_pope_random.json [...] --answers answers_random.jsonl [...]
-        Scores answer files in the official POPE formats, one split per (questions, answers) pair.
+        Scores answer files in the official POPE formats, one split per (questions, answers) pair, by LLaVA's
+        eval_pope.py rule; answers are paired with questions by question_id (not line order), labels lower-cased.
     python evaluate.py pope --model DIR --image-dir val2014 --questions coco_pope_*.json --out-dir D
         Answers the questions first (greedy, batched, LLaVA-1.5's prompt), writes D/<file>_answers.jsonl, scores them.
     python evaluate.py amber --model DIR --image-dir AMBER/image --queries query_all.json [--annotations A] --out-dir D
         Writes D/amber_responses.json in AMBER's format; with AMBER's annotations.json, scores its discriminative part
-        (python evaluate.py amber --responses R --annotations A scores a responses file). sena/benchfiles.py.
+        and prints the numbers AMBER's inference.py prints (python evaluate.py amber --responses R --annotations A
+        scores a responses file; evaluate.py amber -h says where we differ). sena/amber.py.
     python evaluate.py report runs/<name> [--out PATH] [--images-per-round 6]
         Writes runs/<name>/report.html (sena/report.py): sampled pairs with right/wrong marks, the data report,
         training curves and the benchmark table θ0 → round k, in one self-contained file.
@@ -28,8 +30,8 @@ import json
 import os
 import sys
 
+from sena import amber, cli, flags
 from sena import benchfiles as BF
-from sena import cli, flags
 from sena.world.bench import load_answerer
 from sena.world.scorecard import compare, evaluate_model
 
@@ -41,9 +43,24 @@ USAGE = """evaluate.py --model DIR [--test-dir D] [options]
        (evaluate.py pope -h, amber -h, report -h: their own flags)"""
 
 
+AMBER_HELP = """Answer AMBER's queries in its response format (--model), or read a responses file (--responses);
+with AMBER's annotations.json, score the discriminative part as AMBER's inference.py does and print its numbers.
+
+As inference.py: every annotation type but "generative" is a yes/no question (the 689 typed "relation" are relation
+questions); a response counts only when it is exactly "Yes" or "No" (no stripping, no case folding: "Yes." and
+"yes" are wrong); "No" is positive; rates are in %, rounded to 0.1, from counts that start at 0.001, F1 from the
+rounded precision and recall. Ours: responses are matched to annotations by "id" (inference.py reads position
+id - 1; the same on AMBER's file); a repeated id counts once, and is refused when its responses differ; a file that
+answers fewer than --min-answered of the expected questions is refused; the generative part (CHAIR, Cover, Hal,
+Cog) is not scored here: run inference.py --evaluation_type g for it."""
+
+
 def pope_main(argv):
     p = cli.Parser(prog="evaluate.py pope", description="Score POPE answer files (official formats), "
-                   "or answer the question files with --model first.")  # fmt: skip
+                   "or answer the question files with --model first. Answers are parsed by LLaVA's eval_pope.py rule; "
+                   "unlike eval_pope.py, which zips the two files line by line, answers are paired with questions by "
+                   "question_id, labels are compared lower-cased, a repeated question_id counts once, and a split "
+                   "with fewer than --min-answered of its questions answered is refused.")  # fmt: skip
     p.add_argument("--questions", nargs="+", required=True, help="POPE question files (JSON lines), one per split")
     p.add_argument("--answers", nargs="+", help="answer files (JSON lines), same order as --questions")
     p.add_argument("--out", default=None, help="JSON file for the per-split metrics (with --model: "
@@ -75,28 +92,36 @@ def pope_main(argv):
 
 
 def amber_main(argv):
-    p = cli.Parser(prog="evaluate.py amber", description="Answer AMBER's queries in its response "
-                   "format; score the discriminative part from its annotations.json.")  # fmt: skip
-    p.add_argument("--queries", help="AMBER query file (data/query/query_all.json or a part of it)")
+    p = cli.Parser(prog="evaluate.py amber", description=AMBER_HELP)
+    p.add_argument("--queries", help="AMBER query file (data/query/query_all.json or a part of it): the questions "
+                   "--model answers; with --responses, the questions the file should answer")  # fmt: skip
     p.add_argument("--responses", help="score this responses file instead of answering (needs --annotations)")
     p.add_argument("--annotations", help="AMBER's data/annotations.json: score the discriminative responses")
+    p.add_argument("--min-answered", type=cli.fraction, default=0.95,
+                   help="refuse to score when fewer of the expected yes/no questions have a response (a fraction; "
+                        "expected: those in --queries, else every question of each dimension the responses answer; "
+                        "questions on images --model could not read aside)")  # fmt: skip
     flags.add(p, flags.answering_flags())
     args = p.parse_args(argv)
+    asked = None
     if args.responses:
         if not args.annotations:
             p.error("--responses needs --annotations")
-        responses = BF.read_json_list(args.responses, {"id": (int,), "response": (str,)}, "response")[0]
+        path = args.responses
+        if args.queries:
+            asked = [q["id"] for q in amber.read_json_list(args.queries, {"id": (int,)}, "query")[0]]
     elif args.model and args.queries and args.image_dir and args.out_dir:
         answer_fn = load_answerer(args, args.image_dir)[0]
-        out = os.path.join(args.out_dir, "amber_responses.json")
-        responses, _ = BF.answer_amber(args.queries, args.image_dir, out, answer_fn, args.suffix)
-        print(f"{len(responses)} responses -> {out}")
+        path = os.path.join(args.out_dir, "amber_responses.json")
+        responses, _ = amber.answer_amber(args.queries, args.image_dir, path, answer_fn, args.suffix)
+        asked = [r["id"] for r in responses]  # questions on unreadable images were not asked
+        print(f"{len(responses)} responses -> {path}")
     else:
         p.error("give --model, --image-dir, --queries and --out-dir (or --responses FILE --annotations FILE)")
     if not args.annotations:
         return None
-    res = BF.score_amber(responses, args.annotations)
-    BF.print_amber_table(res)
+    res = amber.score_amber(path, args.annotations, args.min_answered, asked)
+    amber.print_amber_table(res)
     if args.out_dir:
         with open(os.path.join(args.out_dir, "amber_metrics.json"), "w") as f:
             json.dump(res, f, indent=2)

@@ -1,17 +1,19 @@
-"""Official benchmark files with a user's image folder: POPE and AMBER questions in, their answer formats out.
+"""Official benchmark files with a user's image folder: POPE questions in, its answer format out, and the image
+checks and prompt suffix that AMBER's files (sena/amber.py) share.
 
     POPE  questions: JSON lines {"question_id", "image", "text", "label"} (RUCAIBox/POPE output/coco/*.json)
           answers:   JSON lines {"question", "answer", "question_id"} (POPE's and SeVa's format; evaluate.py pope
                      scores them, and so does LLaVA's eval_pope.py, which reads 'text' or 'answer' alike)
-    AMBER queries:   a JSON list [{"id": int, "image": "AMBER_1.jpg", "query": "..."}] (junyangwang0410/AMBER
-                     data/query/query_*.json); ids 1-1004 are "Describe this image.", the rest yes/no questions
-          responses: a JSON list [{"id": int, "response": "..."}], what AMBER's inference.py --inference_data reads
-          annotations.json: [{"id", "type", "truth"}]; discriminative entries carry truth "yes"/"no"
+
+Scoring follows LLaVA's eval_pope.py (metrics.pope_parse). Where the file handling differs on purpose: answers are
+paired with questions by question_id, not by line order (eval_pope.py zips the two files), so a reordered or partial
+answer file is scored right or refused rather than misaligned; labels are compared lower-cased and stripped; a
+repeated question_id counts once; a split with fewer than --min-answered of its questions answered is refused.
 
 Prompts follow LLaVA-1.5's POPE evaluation (llava_pope_test.jsonl): the question text, a newline, then "Answer the
 question using a single word or phrase.", greedy. AMBER's yes/no queries get the same suffix (AMBER counts only the
-exact responses "Yes" and "No"); its generative query is asked as written. SENA's own gen prompts join the same
-suffix with a space (sena.prompts.GEN_SUFFIX); --suffix changes it, e.g. for the embedded world's model.
+exact responses "Yes" and "No"). SENA's own gen prompts join the same suffix with a space (sena.prompts.GEN_SUFFIX);
+--suffix changes it, e.g. for the embedded world's model.
 
 Images are checked once before any decoding: a path that leaves the image folder, a missing file or an unreadable
 image is skipped with its questions, counted, and named in one summary line, so a run never stops halfway.
@@ -24,13 +26,9 @@ import os
 import sys
 
 from sena import metrics as M
-from sena.io import atomic_write_text, load_json_list, read_jsonl, safe_join
+from sena.io import atomic_write_text, read_jsonl, safe_join
 
 LLAVA_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-AMBER_GENERATIVE_QUERY = "Describe this image."
-AMBER_DIMENSIONS = {"discriminative-hallucination": "existence", "discriminative-attribute-state": "attribute",
-                    "discriminative-attribute-number": "attribute", "discriminative-attribute-action": "attribute",
-                    "discriminative-relation": "relation"}  # fmt: skip
 
 
 def check_images(names, image_dir):
@@ -118,85 +116,6 @@ def answer_pope_files(question_files, image_dir, out_dir, answer_fn, suffix=LLAV
     n_total = sum(len(qs) for qs in files)
     print(skipped_line(bad, n_total - sum(len(rs) for rs in reqs), n_total))
     return out, bad
-
-
-# --------------------------------------------------------------------------------------------------------- AMBER
-
-
-def read_json_list(path, required, what):
-    """Records of a JSON list whose fields `required` ({name: type}) have the right types; the rest are reported by
-    index, skipped and counted. Returns (records, n_bad)."""
-    data = load_json_list(path, what)
-    out, bad = [], 0
-    for i, r in enumerate(data):
-        wrong = [k for k, t in required.items() if not (isinstance(r, dict) and type(r.get(k)) in t)]
-        if wrong:
-            print(f"{path}[{i}]: skipping {what} record (missing or mistyped {wrong})", file=sys.stderr)
-            bad += 1
-            continue
-        out.append(r)
-    return out, bad
-
-
-def answer_amber(query_file, image_dir, out_path, answer_fn, suffix=LLAVA_SHORT_ANSWER):
-    """Answer AMBER's queries and write [{"id", "response"}] sorted by id to out_path (AMBER's inference.py format).
-
-    "Describe this image." is asked as written (task des, the long token cap); every other query is a yes/no
-    question and gets `suffix`. Returns (responses, {image: reason} of the skipped images).
-    """
-    queries, _ = read_json_list(query_file, {"id": (int,), "image": (str,), "query": (str,)}, "query")
-    ok, bad = check_images([q["image"] for q in queries], image_dir)
-    reqs = []
-    for q in queries:
-        if q["image"] in ok:
-            gen = q["query"].strip() == AMBER_GENERATIVE_QUERY
-            reqs.append({"task": "des" if gen else "amber", "image": ok[q["image"]], "id": q["id"],
-                         "prompt": q["query"] if gen else with_suffix(q["query"], suffix)})  # fmt: skip
-    answer_fn(reqs)
-    responses = sorted(({"id": r["id"], "response": r["answer"]} for r in reqs), key=lambda r: r["id"])
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    atomic_write_text(out_path, json.dumps(responses, indent=1))
-    print(skipped_line(bad, len(queries) - len(reqs), len(queries)))
-    return responses, bad
-
-
-def score_amber(responses, annotation_file):
-    """AMBER's discriminative metrics ("No" positive, exact "Yes"/"No" responses) per dimension and over all.
-
-    Only the discriminative part is scored here: the generative metrics (CHAIR, Cover, Hal, Cog) need AMBER's
-    relation.json, safe_words.txt and spaCy's en_core_web_lg similarity, which we do not ship; run AMBER's
-    inference.py --evaluation_type g on the same responses file for them. Dimensions follow inference.py:
-    existence = discriminative-hallucination, attribute = attribute-state/number/action, relation = the rest.
-    """
-    ann, _ = read_json_list(annotation_file, {"id": (int,), "type": (str,)}, "annotation")
-    by_id = {a["id"]: a for a in ann}
-    groups = {"all": ([], []), "existence": ([], []), "attribute": ([], []), "relation": ([], [])}
-    n_gen = n_unannotated = 0
-    for r in responses:
-        a = by_id.get(r["id"])
-        if a is None or (a["type"].startswith("discriminative") and a.get("truth") not in ("yes", "no")):
-            n_unannotated += 1  # no annotation, or a discriminative one without truth "yes"/"no"
-        elif not a["type"].startswith("discriminative"):
-            n_gen += 1
-        else:
-            for g in ("all", AMBER_DIMENSIONS.get(a["type"], "relation")):
-                groups[g][0].append(r["response"])
-                groups[g][1].append(a["truth"])
-    res = {g: M.amber_discriminative(rs, ts) for g, (rs, ts) in groups.items()}
-    for g, (rs, _) in groups.items():
-        res[g]["other"] = sum(M.amber_parse(x) == "other" for x in rs)  # neither exactly "Yes" nor "No"
-    res.update(n_generative=n_gen, n_unannotated=n_unannotated)
-    return res
-
-
-def print_amber_table(res):
-    cols = ("n", "accuracy", "precision", "recall", "f1", "other")
-    print(f"{'AMBER disc.':<12}" + "".join(f"{c:>10}" for c in cols) + "   (No = positive; rates in %)")
-    for g in ("existence", "attribute", "relation", "all"):
-        m = res[g]
-        print(f"{g:<12}" + "".join(f"{m[c]:>10d}" if isinstance(m[c], int) else f"{100 * m[c]:>10.2f}" for c in cols))
-    print(f"{res['n_generative']} generative responses not scored here (CHAIR/Cover/Hal/Cog need AMBER's word lists "
-          "and spaCy: run AMBER's inference.py --evaluation_type g on the responses file)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- POPE answer-file scoring

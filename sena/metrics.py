@@ -205,8 +205,8 @@ def amber_generative(mentions, gt_objects, prone_objects):
 
 
 def amber_parse(text):
-    """AMBER compares responses to the exact strings 'Yes' / 'No'; we strip surrounding spaces and nothing else."""
-    text = text.strip()
+    """'yes' / 'no' for the exact responses 'Yes' / 'No', else 'other': AMBER's inference.py compares strings as they
+    are, so 'Yes.', 'yes' and 'No ' are wrong answers there and here (answer files are written stripped)."""
     return {"Yes": "yes", "No": "no"}.get(text, "other")
 
 
@@ -214,10 +214,42 @@ def amber_discriminative(responses, truths):
     """AMBER discriminative metrics: 'No' is the positive class (the benchmark targets saying no to hallucinations).
 
     precision = (truth no and answered No) / answered No;  recall = (truth no and answered No) / truth no.
-    A response other than exactly 'Yes'/'No' is wrong and not a 'No'. We compute F1 from unrounded P and R;
-    inference.py rounds P and R to 0.1 % first and adds 1e-4 to the denominator (differences < 0.1 point).
+    A response other than exactly 'Yes'/'No' is wrong and not a 'No'. Unrounded fractions; `amber_printed` turns
+    the counts into the rounded numbers inference.py prints.
     """
     return binary_metrics([amber_parse(r) for r in responses], [t.strip().lower() for t in truths], positive="no")
+
+
+def _amber_count(n):
+    """inference.py's count of n records: 0.001, then += 1 per record. The float sum is not 0.001 + n in its last
+    bits (from n = 4 on); summed the same way, the printed numbers are equal by construction, not by luck."""
+    c = 0.001
+    for _ in range(n):
+        c += 1
+    return c
+
+
+def amber_printed(parts, f1_eps=1e-4):
+    """Accuracy, precision, recall and F1 in percent, exactly as AMBER's inference.py prints them for one dimension.
+
+    parts: `amber_discriminative` results, one per count inference.py keeps for the dimension (attribute sums three:
+    state, number and action; every other dimension has one). Each count starts at 0.001, so an empty one gives 0
+    rather than a division by zero, and a rate is rounded to 0.1 point:
+        accuracy  = round(100·correct/Σ(0.001 + n)),  precision = round(100·TP/Σ(0.001 + TP + FP)),
+        recall    = round(100·TP/Σ(0.001 + TP + FN)),
+        F1        = round(100·2pr/(p + r + ε)) with p, r the *rounded* precision and recall as fractions,
+    ε = 1e-4 (inference.py uses 1e-3 for existence). On a perfect 1-of-1 precision this prints 99.9, not 100.
+    """
+
+    def pct(num, den):
+        return round(sum(num(m) for m in parts) / sum(_amber_count(den(m)) for m in parts) * 100, 1)
+
+    p = pct(lambda m: m["tp"], lambda m: m["tp"] + m["fp"])
+    r = pct(lambda m: m["tp"], lambda m: m["tp"] + m["fn"])
+    return {
+        "accuracy": pct(lambda m: m["tp"] + m["tn"], lambda m: m["n"]), "precision": p, "recall": r,
+        "f1": round(2 * (p / 100) * (r / 100) / ((p / 100) + (r / 100) + f1_eps) * 100, 1),
+    }  # fmt: skip
 
 
 def amber_score(chair_rate, f1):

@@ -6,8 +6,8 @@ import json
 import pytest
 
 import evaluate as E
+from sena import amber, tiny
 from sena import benchfiles as BF
-from sena import tiny
 from sena.benchfiles import score_pope_files
 from sena.world import bench
 
@@ -120,7 +120,7 @@ def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp
     assert by_id[1]["prompt"] == "Describe this image." and by_id[1]["task"] == "des"  # generative: as written
     assert by_id[1005]["prompt"] == "Is there a star in this image?" + BF.LLAVA_SHORT_ANSWER
     assert by_id[1005]["task"] == "amber"
-    assert res["all"]["n"] == 3 and res["n_generative"] == 1 and res["n_unannotated"] == 0
+    assert res["all"]["n"] == 3 and res["n_generative"] == 1 and res["n_unmatched"] == res["n_missing"] == 0
     assert (res["existence"]["n"], res["attribute"]["n"], res["relation"]["n"]) == (1, 1, 1)
     assert json.loads((tmp_path / "out" / "amber_metrics.json").read_text()) == res
     # Scoring the written file on its own gives the same numbers.
@@ -133,7 +133,7 @@ def test_amber_discriminative_scores_by_hand(tmp_path, capsys):
                    {"id": 1005, "type": "discriminative-hallucination", "truth": "no"},
                    {"id": 1006, "type": "discriminative-attribute-number", "truth": "yes"},
                    {"id": 1007, "type": "discriminative-relation", "truth": "no"},
-                   {"id": 1008, "type": "discriminative-relation", "truth": "yes"}]  # fmt: skip
+                   {"id": 1008, "type": "relation", "truth": "yes"}]  # fmt: skip
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     responses = [
         {"id": 1, "response": "A dog."},
@@ -143,16 +143,19 @@ def test_amber_discriminative_scores_by_hand(tmp_path, capsys):
         {"id": 1008, "response": "Yes"},
         {"id": 4242, "response": "No"},
     ]
-    res = BF.score_amber(responses, str(tmp_path / "a.json"))
+    (tmp_path / "r.json").write_text(json.dumps(responses))
+    res = amber.score_amber(str(tmp_path / "r.json"), str(tmp_path / "a.json"))
     # "No" is positive. 1005: TP. 1006: FP. 1007: "Yes." is neither Yes nor No (AMBER compares exact strings): FN.
-    # 1008: TN. So P = 1/2, R = 1/2, F1 = 1/2, accuracy 2/4.
+    # 1008 (type "relation", a relation question as in inference.py): TN. So P = 1/2, R = 1/2, F1 = 1/2, accuracy
+    # 2/4; printed from counts that start at 0.001: P = 1/2.001 -> 50.0, accuracy 2/4.001 -> 50.0.
     a = res["all"]
     assert (a["n"], a["tp"], a["fp"], a["fn"], a["tn"], a["other"]) == (4, 1, 1, 1, 1, 1)
     assert a["precision"] == a["recall"] == a["f1"] == a["accuracy"] == 0.5
-    assert res["existence"]["f1"] == 1.0 and res["attribute"]["f1"] == 0.0
+    assert a["inference_py"] == {"accuracy": 50.0, "precision": 50.0, "recall": 50.0, "f1": 50.0}
+    assert res["existence"]["f1"] == 1.0 and res["attribute"]["f1"] == 0.0 and res["number"]["n"] == 1
     assert (res["relation"]["n"], res["relation"]["accuracy"], res["relation"]["recall"]) == (2, 0.5, 0.0)
-    assert res["n_generative"] == 1 and res["n_unannotated"] == 1
-    BF.print_amber_table(res)
+    assert res["n_generative"] == 1 and res["n_unmatched"] == 1
+    amber.print_amber_table(res)
     assert "1 generative responses not scored here" in capsys.readouterr().out
 
 

@@ -7,6 +7,8 @@ import pytest
 from sena.metrics import (
     amber_discriminative,
     amber_generative,
+    amber_parse,
+    amber_printed,
     amber_score,
     binary_metrics,
     chair,
@@ -82,6 +84,29 @@ def test_amber_discriminative_no_is_positive():
     # With 'yes' as positive the same answers give a different F1: the class choice matters.
     yes_pos = binary_metrics(["no", "no", "yes", "yes", "other", "no"], truths, positive="yes")
     assert (yes_pos["tp"], yes_pos["fp"], yes_pos["fn"]) == (1, 1, 1) and yes_pos["f1"] == pytest.approx(0.5)
+
+
+def test_amber_parse_takes_exact_strings_only():
+    # inference.py compares `response == 'Yes'`: spaces, a period or another case make a wrong answer.
+    assert [amber_parse(x) for x in ("Yes", "No")] == ["yes", "no"]
+    assert {amber_parse(x) for x in (" Yes", "Yes.", "yes", "No\n", "NO", "No, there is not.", "")} == {"other"}
+
+
+def test_amber_printed_rounds_counts_that_start_at_0001():
+    # 15 questions: TP 5, FP 4, FN 5, TN 1. inference.py divides by counts that start at 0.001 and rounds to 0.1:
+    # precision 100·5/9.001 = 55.549 -> 55.5 (5/9 would print 55.6); recall 100·5/10.001 = 49.995 -> 50.0;
+    # accuracy 100·6/15.001 = 39.997 -> 40.0; F1 = 100·2·0.555·0.5/(0.555 + 0.5 + 0.0001) = 52.60 -> 52.6.
+    m = {"n": 15, "tp": 5, "fp": 4, "fn": 5, "tn": 1}
+    assert amber_printed([m]) == {"accuracy": 40.0, "precision": 55.5, "recall": 50.0, "f1": 52.6}
+    # One right "No": 100·1/1.001 = 99.9, not 100. Attribute sums three counts, so three right "No"s divide by
+    # 3.003: 99.9 again; F1 = 100·2·0.999²/(1.998 + 0.0001) = 99.895 -> 99.9.
+    one = {"n": 1, "tp": 1, "fp": 0, "fn": 0, "tn": 0}
+    assert amber_printed([one]) == amber_printed([one] * 3) == {"accuracy": 99.9, "precision": 99.9,
+                                                                 "recall": 99.9, "f1": 99.9}  # fmt: skip
+    # No "No" said and no "no" truth: precision, recall and F1 are 0 (0/0.001) where a plain division would fail;
+    # two right "Yes"s: accuracy 100·2/2.001 = 99.950 -> 100.0.
+    assert amber_printed([{"n": 2, "tp": 0, "fp": 0, "fn": 0, "tn": 2}]) == {"accuracy": 100.0, "precision": 0.0,
+                                                                            "recall": 0.0, "f1": 0.0}  # fmt: skip
 
 
 def test_chair_counts_every_mention():
