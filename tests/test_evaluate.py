@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import evaluate as E
+from sena import cli
 from sena import prompts as P
 from sena.benchfiles import score_pope_files
 from sena.world import bench
@@ -108,7 +109,7 @@ def _copy_answers(tmp_path, split, edit):
 def _refusal(argv):
     """The one line evaluate.py exits with (through cli.run, as on the command line)."""
     with pytest.raises(SystemExit) as e:
-        E.cli.run(E.main, argv)
+        cli.run(E.main, argv)
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     return msg
