@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+from sena.io import atomic_write_text
 from sena.world.bench import LOWER_IS_BETTER, load_answerer, load_test_scenes, run_benchmarks, shown, summary
 
 
@@ -25,11 +26,10 @@ def evaluate_model(args):
                  "device": device, "dtype": args.dtype}  # fmt: skip
     out = args.out or os.path.join(args.model, "metrics.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(m, f, indent=2)
-    with open(os.path.join(os.path.dirname(os.path.abspath(out)), "eval_answers.jsonl"), "w") as f:
-        for r in reqs:
-            f.write(json.dumps(r) + "\n")
+    # The answers first, metrics.json last: a run takes metrics.json's presence to mean "evaluated".
+    atomic_write_text(os.path.join(os.path.dirname(os.path.abspath(out)), "eval_answers.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in reqs))
+    atomic_write_text(out, json.dumps(m, indent=2))
     print_table(m)
     print(f"{m['meta']['n_prompts']} prompts in {m['meta']['seconds']:.1f} s -> {out}")
     return m
