@@ -64,6 +64,9 @@ def load_reference(path, key):
     with safe_open(path, "pt") as f:
         found = (f.metadata() or {}).get("key")
     if found != key:
-        raise UserError(f"{path}: reference cache key does not match (cache {found}, expected {key}); "
-                        "the pairs or the reference weights changed — delete the file to recompute it")
+        parts = dict(p.split(":", 1) for p in (found or "").split("|") if ":" in p)
+        names = {"pairs": "the pairs", "ref": "the reference weights", "precision": "the precision"}
+        changed = [names[k] for k, v in (p.split(":", 1) for p in key.split("|")) if parts.get(k) != v]
+        raise UserError(f"{path}: reference cache key does not match ({' and '.join(changed)} changed since it was "
+                        "scored); delete the file to recompute it")
     return load_file(path)

@@ -192,7 +192,8 @@ def test_damaged_intermediate_files(tmp_path, tiny_round, monkeypatch, capsys):
         f.write(json.dumps(tiny.pairs(tmp_path / "extra", timgs, 1)[0]) + "\n")
     with pytest.raises(SystemExit) as e:
         cli.run(train.main, argv)
-    assert one_line(e).startswith(f"error: {ref}: reference cache key does not match")
+    assert one_line(e) == (f"error: {ref}: reference cache key does not match (the pairs changed since it was "
+                           "scored); delete the file to recompute it")
     (run / "iter_1" / "report.json").write_text('{"image_root": ')
     with pytest.raises(SystemExit) as e:
         cli.run(train.main, argv)
