@@ -165,7 +165,7 @@ def test_ctrl_c_and_sigterm_say_the_same_command_resumes(tmp_path, tiny_round, c
 
 def test_damaged_intermediate_files(tmp_path, tiny_round, monkeypatch, capsys):
     """A garbage line in a stage file is dropped and its answer generated again; a damaged reference cache is scored
-    again; a stale cache and a damaged report.json are refused in one line naming the file."""
+    again; a stale cache, a damaged report.json and a damaged metrics.json are refused in one line naming the file."""
     monkeypatch.setattr(selfplay, "generate", scripted.scripted_generate)
     sm = scripted.model_dir(tmp_path / "sm")
     imgs = tiny.images(tmp_path / "imgs", 12)
@@ -198,6 +198,10 @@ def test_damaged_intermediate_files(tmp_path, tiny_round, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(train.main, argv)
     assert one_line(e).startswith(f"error: {run / 'iter_1' / 'report.json'}: not valid JSON")
+    (tmp_path / "metrics.json").write_text('{"pope": {"random": ')  # cut short
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate.main, ["--compare", str(tmp_path / "metrics.json")])
+    assert one_line(e).startswith(f"error: {tmp_path / 'metrics.json'}: not valid JSON")
 
 
 def test_disk_full_and_a_read_only_run_dir_are_one_line(tmp_path, tiny_round, monkeypatch, capsys):
