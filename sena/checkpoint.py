@@ -10,9 +10,9 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from sena.cli import UserError
+from sena.io import save_tensors
 from sena.model import Llava, ModelConfig
 
 # On-disk prefixes -> in-memory prefixes, first match wins. Covers legacy llava-hf (vision_tower.vision_model.*),
@@ -192,12 +192,12 @@ def save_pretrained(model, out_dir, tokenizer=None, image_cfg=None, max_shard_by
         shards[-1][k] = v
         size += nbytes
     if max_shard_bytes is None:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+            save_tensors(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
             weight_map |= {k: name for k in shard}
         total = sum(v.numel() * v.element_size() for v in state.values())
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:

@@ -7,12 +7,19 @@ that names the flag, the value and what is allowed:
     train.py: error: argument --beta: 0 is out of range (allowed: a number > 0) (see train.py -h)
 
 A user error found later (a model directory with a corrupt file, say) raises UserError; `run` turns it into one
-line `error: <message>` and exit status 1, while any other exception keeps its traceback (it is a bug to report).
+line `error: <message>` and exit status 1, and so does a fault of the machine (a full disk, a read-only folder).
+Ctrl-C and SIGTERM end with one line saying that the same command resumes. Any other exception keeps its
+traceback (it is a bug to report).
 """
 
 import argparse
+import errno
 import math
+import os
 import shlex
+import signal
+import sys
+import threading
 
 
 class UserError(ValueError):
@@ -111,6 +118,30 @@ def device(s):
     return s
 
 
+def names_in(allowed):
+    """An argparse type: comma-separated names, each one of `allowed` or a dotted path ending in one
+    ('layers.0.self_attn.q_proj'); kept as the string given."""
+
+    def parse(s):
+        names = s.split(",")
+        bad = [n for n in names if n.rsplit(".", 1)[-1] not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{','.join(repr(n) for n in bad)} not among {','.join(allowed)}")
+        return s
+
+    parse.__name__ = "names"
+    return parse
+
+
+def directory(s):
+    """An argparse type: a folder to write in, made if missing; refused if empty or an existing file."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty path (give a folder)")
+    if os.path.exists(s) and not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s} is a file, not a folder")
+    return s
+
+
 def with_flag(argv, flag, value):
     """argv with `flag`'s value replaced by `value` (both `--flag v` and `--flag=v`), as one quoted shell string:
     the command a refusal suggests keeps every other flag the user typed."""
@@ -126,10 +157,44 @@ def with_flag(argv, flag, value):
     return shlex.join(out)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does: temp files are removed, the lock is
+    let go."""
+
+
+def _stopped(signum, frame):
+    raise Stopped()
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def run(main, argv=None):
-    """Run a script's main(argv); a UserError ends it with one line `error: <message>` (exit status 1). Each
-    script's `__main__` calls this, and so do the tests, so both see the same behaviour."""
+    """Run a script's main(argv); a UserError ends it with one line `error: <message>` (exit status 1), as do a full
+    disk and a folder it may not write to; Ctrl-C (exit status 130) and SIGTERM (143) end it with one line too.
+    Each script's `__main__` calls this, and so do the tests, so both see the same behaviour."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _stopped) if main_thread else None
     try:
         return main(argv)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:
+        # Every write is a temp file then a rename, or an append whose cut last line the resume drops: what was
+        # finished is on disk whole.
+        how, code = ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
+        print(f"stopped by {how}; finished work is kept: run the same command again to resume", file=sys.stderr)
+        raise SystemExit(code) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        if e.errno in DISK_FULL:
+            raise SystemExit(f"error: {where}{e.strerror}. The files written so far are intact (each is written to "
+                             "a temp file, then renamed): free some space and run the same command again to "
+                             "resume") from None
+        if e.errno in NOT_WRITABLE:
+            raise SystemExit(f"error: {where}{e.strerror}") from None
+        raise
+    finally:
+        if old is not None:  # None: the handler was not set from Python, and cannot be put back from it
+            signal.signal(signal.SIGTERM, old)

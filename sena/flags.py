@@ -28,6 +28,9 @@ IMAGES = [
 ABLATIONS = {"none": ("image", True, True), "no-sq": ("off", True, True), "no-se": ("image", False, True),
              "no-ica": ("image", True, False), "seva": ("off", False, False)}
 
+# The language model's Linear layers (sena/model.py; LLaVA-1.5's Llama has the same names), which LoRA may adapt.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # Prompts per generation batch: generate.py's --batch-size and train.py's --gen-batch-size.
 GEN_BATCH_SIZE = dict(type=cli.positive_int, default=64, help="prompts per generation batch")
 
@@ -66,7 +69,8 @@ def train_flags():
         ("--iter", dict(type=cli.positive_int, default=None,
                         help="run only round k (default: rounds 1..--n-iters)")),
         ("--n-iters", dict(type=cli.positive_int, default=3, help="number of rounds when --iter is not given")),
-        ("--run-dir", dict(default="runs/world", help="run directory; rounds go to <run-dir>/iter_<k>")),
+        ("--run-dir", dict(type=cli.directory, default="runs/world",
+                           help="run directory; rounds go to <run-dir>/iter_<k>")),
         ("--base", dict(default=None, help="θ0 as a HF LLaVA dir, for real runs (default: the world's θ0)")),
         ("--images-per-iter", dict(type=cli.positive_int, default=400, help="fresh unlabeled images per round")),
         ("--theta0", dict(default=None, help="world θ0 directory to start from (default: the one the repository "
@@ -102,7 +106,7 @@ def train_flags():
         ("--lora-alpha", dict(type=cli.positive_float, default=32.0, help="LoRA α (scale α/r)")),
         ("--lora-dropout", dict(type=cli.float_in(0, 1, hi_open=True), default=0.0,
                                 help="dropout on the LoRA input")),
-        ("--lora-targets", dict(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        ("--lora-targets", dict(type=cli.names_in(LORA_TARGETS), default=",".join(LORA_TARGETS),
                                 help="comma-separated language-model Linear names to adapt")),
         ("--reliance-pairs", dict(type=cli.non_negative_int, default=256,
                                   help="pairs scored again on their noised image for the image-reliance telemetry "
@@ -127,7 +131,8 @@ def generate_flags():
                               help="with --image-list: take this many images from each source (a path's first folder: "
                                    "coco, gqa, ocr_vqa, textvqa, vg in LLaVA-665K), seeded by --seed; --offset then "
                                    "counts per source")),
-        ("--out", dict(required=True, help="round directory; pairs.jsonl and report.json go here")),
+        ("--out", dict(type=cli.directory, required=True,
+                       help="round directory; pairs.jsonl and report.json go here")),
         ("--round", dict(type=cli.positive_int, default=1, help="round index k; seeds the noise and prompt draws")),
         *round_flags(),
         ("--no-enhance", dict(action="store_true", help="ablation: chosen = the raw clean answer (no SE)")),

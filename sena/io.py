@@ -1,33 +1,106 @@
-"""Small file helpers: atomic writes, hashing, image listing, JSONL reading with bad lines counted."""
+"""Small file helpers: atomic writes, a run directory's lock, hashing, image listing, JSONL reading with bad lines
+counted."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import posixpath
 import random
+import re
+import socket
 import sys
 import tempfile
+import time
+
+from sena.cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def umask_mode():
+    """The mode a plain open() gives a new file (0o666 less the umask): what a colleague sharing the run may read."""
+    mask = os.umask(0)  # the umask can only be read by setting it; it is put back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path, data):
-    """Write to a temp file beside `path`, then rename: a kill at any moment leaves the old or the new file."""
+    """Write to a temp file beside `path`, then rename: a kill at any moment leaves the old or the new file.
+
+    The file gets the umask's mode, as open() would give it (mkstemp's temp files are private, 0600). A failed
+    write (a full disk, say) removes the temp file and names `path` in the OSError it raises."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), umask_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write error names no file; the user needs to know it
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_tensors(tensors, path, metadata=None):
+    """safetensors' save_file through a temp file beside `path`, then a rename, with the umask's mode (save_file's
+    own files are 0600). A failed write raises OSError naming `path`: safetensors reports a full disk as a
+    SafetensorError whose text carries the OS error number."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        code = re.search(r"os error (\d+)", str(e)) if isinstance(e, SafetensorError) else None
+        if code:
+            raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
+        raise
+
+
+_LOCKS = {}  # path -> open file descriptor; the lock lives as long as the descriptor, i.e. the process
+
+
+def lock_dir(path, flag):
+    """Hold an exclusive lock on path/.lock until this process ends (taking it again is a no-op), or refuse with a
+    UserError naming the process that holds it. flock locks belong to the open file, so the system drops them when
+    their process ends however it ends (SIGKILL too): a lock is never left stale. `flag` names the folder's flag in
+    the refusal."""
+    if os.path.abspath(path) in _LOCKS:
+        return
+    lock = os.path.join(path, ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write to {flag} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        holder = os.read(fd, 1000).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{flag} {path} is in use by {holder}; wait for it to end, or use another {flag}") from None
+    os.ftruncate(fd, 0)
+    command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command}), since {time.strftime('%H:%M:%S')}"
+                 .encode())
+    _LOCKS[os.path.abspath(path)] = fd
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -57,9 +130,12 @@ def read_lines(path):
 
 
 def read_json(path):
-    """A JSON file's content (utf-8)."""
+    """A JSON file's content (utf-8); a damaged file is a UserError naming it."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e}); the file is damaged: delete it to make it again") from None
 
 
 def read_jsonl(path, required=(), check=None, unique=None, tally=None, shown=10):

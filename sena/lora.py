@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from sena.io import save_tensors
 
 PEFT_PREFIX = "base_model.model."
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -220,7 +222,7 @@ def save_adapter(model, out_dir, base_model_path=None):
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 # Adapters trained by PEFT on transformers 4.x llava-hf models name the LLM path the old way.

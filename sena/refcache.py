@@ -5,12 +5,13 @@ the reference weights' hash; training refuses a cache whose key does not match w
 """
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from sena.batch import pair_batch, pair_features, pair_logps, tokenize_pair
-from sena.io import sha256_file, sha256_weights
+from sena.cli import UserError
+from sena.io import save_tensors, sha256_file, sha256_weights
 
 FIELDS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_mean_logps", "ref_rejected_mean_logps")
 
@@ -45,14 +46,27 @@ def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device=
 
 
 def save_reference(path, values, key):
-    save_file({f: values[f].contiguous() for f in FIELDS}, path, metadata={"key": key})
+    save_tensors({f: values[f].contiguous() for f in FIELDS}, path, metadata={"key": key})
+
+
+def cache_problem(path):
+    """Why the cache file at path cannot be read ('' if it can): truncated, empty, or missing a field."""
+    try:
+        values = load_file(path)
+    except (SafetensorError, OSError) as e:
+        return f"not a readable safetensors file: {e}"
+    missing = [f for f in FIELDS if f not in values]
+    return f"no {', '.join(missing)}" if missing else ""
 
 
 def load_reference(path, key):
-    """The cached values; raises ValueError naming the file when its key differs from `key`."""
+    """The cached values; raises UserError naming the file when its key differs from `key`."""
     with safe_open(path, "pt") as f:
         found = (f.metadata() or {}).get("key")
     if found != key:
-        raise ValueError(f"{path}: reference cache key does not match (cache {found}, expected {key}); "
-                         "the pairs or the reference weights changed — delete the file to recompute it")
+        parts = dict(p.split(":", 1) for p in (found or "").split("|") if ":" in p)
+        names = {"pairs": "the pairs", "ref": "the reference weights", "precision": "the precision"}
+        changed = [names[k] for k, v in (p.split(":", 1) for p in key.split("|")) if parts.get(k) != v]
+        raise UserError(f"{path}: reference cache key does not match ({' and '.join(changed)} changed since it was "
+                        "scored); delete the file to recompute it")
     return load_file(path)

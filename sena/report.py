@@ -354,6 +354,5 @@ def write_report(run_dir, out=None, n_images=6):
     """Write build_report(run_dir) to out (default <run_dir>/report.html) atomically; returns the path."""
     out = out or os.path.join(run_dir, "report.html")
     atomic_write_text(out, build_report(run_dir, n_images))
-    os.chmod(out, 0o644)  # the temp file behind the atomic write is private; a report is for reading
     print(f"report -> {out}")
     return out

@@ -18,8 +18,8 @@ import time
 
 from sena import cli, dist, flags
 from sena.checkpoint import load_pretrained, save_pretrained
-from sena.io import atomic_write_text, read_json, read_jsonl, read_lines, sha256_file
-from sena.refcache import cache_key, load_reference, save_reference, score_pairs
+from sena.io import atomic_write_text, lock_dir, read_json, read_jsonl, read_lines, sha256_file
+from sena.refcache import cache_key, cache_problem, load_reference, save_reference, score_pairs
 from sena.report import write_report
 from sena.selfplay import generate_round, round_images, round_inputs
 from sena.telemetry import image_reliance, reference_preference, summary_line
@@ -156,6 +156,10 @@ def run_round(args, k, world):
     ref_path = os.path.join(round_dir, "ref_logps.safetensors")
     precision = str(weight_dtype(args)).removeprefix("torch.") + ("+autocast" if autocast_dtype(args) else "")
     key = cache_key(pairs_path, prev, precision)
+    problem = cache_problem(ref_path) if dist.rank() == 0 and os.path.exists(ref_path) else None
+    if problem:  # a damaged cache is only a pass over the pairs away; a stale one is refused by load_reference
+        say(f"round {k}: {ref_path} is damaged ({problem}); scoring the reference again")
+        os.remove(ref_path)
     if dist.rank() == 0 and not os.path.exists(ref_path):
         ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(args), device=args.device,
                                                     need_tokenizer=True)
@@ -228,12 +232,16 @@ def world_pair_scores(world, run_dir, k, round_dir, pairs):
 
 
 def world_pool(world, run_dir, k, n, seed):
-    """Round k's fresh unlabeled world images; their scene records go to a folder SENA never reads from."""
+    """Round k's fresh unlabeled world images; their scene records go to a folder SENA never reads from.
+
+    write_split reuses a pool only if its labels are those of these n images from this seed, and finishes one a
+    kill interrupted; a pool made under other settings (another --images-per-iter or --seed) is made again, its
+    other images removed. Pairs made from the old pool are then refused by prepare_data, naming the images."""
     pool = os.path.join(run_dir, "pool", f"iter_{k}")
-    if dist.rank() == 0 and (not os.path.isdir(pool) or len(os.listdir(pool)) < n):
+    if dist.rank() == 0:
         labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
         os.makedirs(os.path.dirname(labels), exist_ok=True)
-        world.write_split(pool, n, seed=seed * 1000 + k, prefix=f"pool{k}", labels_path=labels)
+        world.write_split(pool, n, seed=seed * 1000 + k, prefix=f"pool{k}", labels_path=labels, remove_others=True)
     dist.barrier()
     return pool
 
@@ -248,6 +256,8 @@ def run(args):
     elif not (args.images or args.image_list):
         raise SystemExit("--base needs --images DIR or --image-list JSON")
     os.makedirs(args.run_dir, exist_ok=True)
+    if dist.rank() == 0:  # one run per directory: a second one would train on, and delete, the first one's files
+        lock_dir(args.run_dir, "--run-dir")
     if world:  # θ0: a checked copy of the shipped one (or a fresh build) in the run directory; then just --base
         theta0 = os.path.join(args.run_dir, "theta0")
         if dist.rank() == 0:

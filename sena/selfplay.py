@@ -96,14 +96,27 @@ def load_stage(path, signature):
     if whole != text:
         atomic_write_text(path, whole)
     lines = whole.split("\n")
-    head = json.loads(lines[0])
-    if head.get("signature") != signature:
-        raise SystemExit(f"error: {path}: written with other settings, model weights or images "
-                         f"({head.get('signature')} != {signature}); delete the round's stages/ folder to regenerate")
-    done = {}
-    for line in lines[1:-1]:
-        rec = json.loads(line)
-        done[rec["key"]] = rec["text"]
+    try:
+        head = json.loads(lines[0])
+    except json.JSONDecodeError:
+        head = {}
+    if not isinstance(head, dict) or head.get("signature") != signature:
+        raise SystemExit(f"error: {path}: written with other settings, model weights or images, or damaged "
+                         f"({head.get('signature') if isinstance(head, dict) else None} != {signature}); delete the "
+                         "round's stages/ folder to regenerate")
+    # A damaged line (a disk error, an edit) costs one answer: it is dropped and that answer generated again.
+    done, bad = {}, []
+    for n, line in enumerate(lines[1:-1], 2):
+        try:
+            rec = json.loads(line)
+            done[rec["key"]] = rec["text"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            bad.append(n)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        print(f"{path}: {len(bad)} damaged line(s) (line {shown}) dropped; their answers are generated again",
+              file=sys.stderr)
+        atomic_write_text(path, "".join(line + "\n" for i, line in enumerate(lines[:-1], 1) if i not in bad))
     return done
 
 
@@ -163,13 +176,16 @@ def run_shard(args, paths, root, out):
     # Images: unreadable files are skipped and counted, never fatal (a 6K-image round must not die on one JPEG).
     names, clean, noised = [], [], []
     for path in tqdm(paths, desc="images", leave=False, disable=None):
+        name = os.path.relpath(path, root)
         try:
+            if any("\udc80" <= c <= "\udcff" for c in name):  # how Python spells a name's bytes that are not UTF-8
+                raise ValueError("its name is not valid UTF-8, which pairs.jsonl cannot hold")
             x = preprocess(load_image(path), image_cfg)
         except (OSError, ValueError) as e:
-            print(f"skipping image {path}: {e}", file=sys.stderr)
+            shown = path.encode("utf-8", "backslashreplace").decode()  # a name's bytes that are not UTF-8, escaped
+            print(f"skipping image {shown}: {e}", file=sys.stderr)
             counts["images_unreadable"] += 1
             continue
-        name = os.path.relpath(path, root)
         names.append(name)
         clean.append(x)
         # Noise goes on the normalized, padded tensor, as in the released code; seeded per (image, round).
@@ -238,7 +254,13 @@ def round_inputs(args, paths, root):
                                                                 "image_list", "image_root")}
     images = hashlib.sha256()
     for p in paths:
-        images.update(f"{os.path.relpath(p, root)}\0{sha256_file(p)}\n".encode())
+        # An entry that cannot be read (a folder named x.png, a dangling symlink or a loop) counts as unreadable here
+        # and is skipped and counted by run_shard; a name that is not UTF-8 is hashed by its bytes.
+        try:
+            content = sha256_file(p)
+        except OSError as e:
+            content = f"unreadable {e.errno}"
+        images.update(os.fsencode(os.path.relpath(p, root)) + f"\0{content}\n".encode())
     try:
         weights = sha256_weights(args.model)
     except FileNotFoundError:  # before load_pretrained would say the same

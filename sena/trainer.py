@@ -15,12 +15,12 @@ import shutil
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sena import dist
 from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained
-from sena.io import atomic_write_text, read_lines
+from sena.io import atomic_write_text, read_jsonl, save_tensors
 from sena.lora import apply_lora, lora_disabled, merge_lora
 from sena.losses import dpo_loss, ica_loss, ica_reduce
 from sena.schedule import lr_at
@@ -114,8 +114,8 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
     log_path = os.path.join(round_dir, "log.jsonl")
     if rank == 0:
         kept = []
-        if start and os.path.exists(log_path):
-            kept = [line + "\n" for line in read_lines(log_path) if line.strip() and json.loads(line)["step"] < start]
+        if start and os.path.exists(log_path):  # a damaged line is reported and dropped, not fatal
+            kept = [json.dumps(r) + "\n" for r in read_jsonl(log_path, required=("step",))[0] if r["step"] < start]
         atomic_write_text(log_path, "".join(kept))
     log = open(log_path, "a") if rank == 0 else None
     warmup = max(1, int(args.warmup_ratio * total))  # linear warmup over this share of the steps
@@ -188,12 +188,12 @@ def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
     path = os.path.join(ckpt_dir, name)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
-    save_file({n: v.contiguous() for n, v in weights.items()}, os.path.join(path, "trainable.safetensors"))
+    save_tensors({n: v.contiguous() for n, v in weights.items()}, os.path.join(path, "trainable.safetensors"))
     state = {f"{i}.{k}": v.contiguous() for i, st in moments.items() for k, v in st.items()}
     state["torch_rng"] = torch.get_rng_state()  # LoRA dropout draws from it (on CUDA, from the device's generator;
     if torch.cuda.is_available():                # every rank seeds and draws alike, so rank 0's state is everyone's)
         state["cuda_rng"] = torch.cuda.get_rng_state()
-    save_file(state, os.path.join(path, "optimizer.safetensors"))
+    save_tensors(state, os.path.join(path, "optimizer.safetensors"))
     atomic_write_text(os.path.join(ckpt_dir, "latest.json"),
                       json.dumps({"dir": name, "step": step, "bad_steps": bad_steps}))
     for old in os.listdir(ckpt_dir):

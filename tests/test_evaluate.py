@@ -11,6 +11,7 @@ import evaluate as E
 from sena import cli
 from sena import prompts as P
 from sena.benchfiles import score_pope_files
+from sena.cli import UserError
 from sena.world import bench
 from sena.world.language import describe, oracle_answer
 from sena.world.scenes import absent_buddies, sample_scenes
@@ -312,6 +313,15 @@ def test_test_split_written_once_and_never_overwritten(tmp_path):
     assert sorted(os.listdir(d)) == sorted(sc["image"] for sc in scenes)  # images only in the folder
     again, _ = bench.load_test_scenes(str(d), None, 99, 6)  # present: read back, not rewritten
     assert again == scenes
+    # What a kill leaves while the split is written (its labels come last): the split's images and no labels. It is
+    # finished, not refused.
     os.remove(labels)
-    with pytest.raises(SystemExit, match="labels"):
+    os.remove(d / scenes[-1]["image"])
+    assert bench.load_test_scenes(str(d), None, 3, 5) == (scenes, labels)
+    assert sorted(os.listdir(d)) == sorted(sc["image"] for sc in scenes)
+    # A folder that holds anything else and no labels is not the split: refused, nothing in it touched.
+    os.remove(labels)
+    (d / "mine.png").write_bytes(b"a user's image")
+    with pytest.raises(UserError, match=f"^{d} holds 1 file\\(s\\) that are not the images of this split \\(mine.png"):
         bench.load_test_scenes(str(d), None, 3, 5)
+    assert (d / "mine.png").read_bytes() == b"a user's image" and not os.path.exists(labels)

@@ -316,3 +316,34 @@ def test_peft_adapter_loads_in_ours_with_equal_logits(tiny_hf_llava, tmp_path):
         plain = hf(input_ids=input_ids, pixel_values=pixel_values).logits
     assert (theirs - plain).abs().max() > 1e-3
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_dropout_acts_in_training_only():
+    """y = W₀x + (α/r)·B·A·dropout(x), by hand in float64: W₀ = I, A = [1 1], B = [1 2]ᵀ, α/r = 2/1, x = (1, 3):
+    A x = 4, so y = (1, 3) + 2·4·(1, 2) = (9, 19) in eval mode, whatever the dropout. In training, dropout 0.5 zeroes
+    or doubles each input: A·dropout(x) is one of 0, 2, 6, 8, never 4, so y always differs."""
+    base = nn.Linear(2, 2, bias=False).double()
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(2, dtype=torch.float64))
+    layer = LoRALinear(base, r=1, alpha=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+        layer.lora_B.weight.copy_(torch.tensor([[1.0], [2.0]], dtype=torch.float64))
+    x = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    layer.eval()
+    for _ in range(3):
+        assert layer(x).tolist() == [[9.0, 19.0]]
+    layer.train()
+    torch.manual_seed(0)
+    assert all(layer(x).tolist() != [[9.0, 19.0]] for _ in range(8))
+
+
+def test_lora_targets_flag_names_the_language_models_linears(tmp_path):
+    """--lora-targets is checked at parse time against flags.LORA_TARGETS: they must be the Linear layers of the
+    language model (and the Llama names LoRA is applied to by default)."""
+    from sena import flags, tiny
+    from sena.checkpoint import load_pretrained
+
+    model, _, _ = load_pretrained(tiny.model_dir(tmp_path / "m"))
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear and "language_model" in n}
+    assert set(flags.LORA_TARGETS) == names and flags.LORA_TARGETS == LLAMA_TARGETS

@@ -32,6 +32,7 @@ import sys
 
 from sena import amber, cli, flags
 from sena import benchfiles as BF
+from sena.io import atomic_write_text
 from sena.world.bench import load_answerer
 from sena.world.scorecard import compare, evaluate_model
 
@@ -86,8 +87,8 @@ def pope_main(argv):
     results = BF.score_pope_files(args.questions, args.answers, args.min_answered, skipped or ())
     BF.print_pope_table(results)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results if skipped is None else {**results, "skipped_images": skipped}, f, indent=2)
+        atomic_write_text(args.out, json.dumps(results if skipped is None else {**results, "skipped_images": skipped},
+                                               indent=2))
     return results
 
 
@@ -123,8 +124,7 @@ def amber_main(argv):
     res = amber.score_amber(path, args.annotations, args.min_answered, asked)
     amber.print_amber_table(res)
     if args.out_dir:
-        with open(os.path.join(args.out_dir, "amber_metrics.json"), "w") as f:
-            json.dump(res, f, indent=2)
+        atomic_write_text(os.path.join(args.out_dir, "amber_metrics.json"), json.dumps(res, indent=2))
     return res
 
 

@@ -273,12 +273,11 @@ def load_answerer(args, image_dir):
 def load_test_scenes(test_dir, labels, n, seed):
     """The held-out scenes and their labels path. Labels live outside the image folder, at `labels` or by default
     <test_dir>_labels.jsonl (the world's convention; <test_dir>.jsonl is accepted too). A missing split is written
-    once from `seed`; a folder that holds images but no labels is an error, never overwritten."""
+    once from `seed`, and one a kill interrupted is finished (write_split); a folder that holds other images but no
+    labels is an error, never overwritten."""
     base = os.path.normpath(test_dir)
     labels = labels or next((p for p in (base + "_labels.jsonl", base + ".jsonl") if os.path.isfile(p)), None)
     if labels is None or not os.path.isfile(labels):
-        if os.path.isdir(test_dir) and os.listdir(test_dir):
-            raise SystemExit(f"{test_dir} holds files but its labels ({labels or base + '_labels.jsonl'}) are missing")
         from sena.world import write_split
 
         labels = labels or base + "_labels.jsonl"

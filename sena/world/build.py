@@ -19,6 +19,7 @@ benchmark scores.
 """
 
 import argparse
+import io
 import json
 import os
 import random
@@ -29,8 +30,9 @@ import time
 import torch
 
 from sena.checkpoint import save_pretrained
+from sena.cli import UserError
 from sena.image import default_image_cfg
-from sena.io import sha256_file
+from sena.io import atomic_write_bytes, atomic_write_text, sha256_file
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
 from sena.world.data import MixWindows, render_all
 from sena.world.encoder import cell_targets, pretrain_vision
@@ -57,19 +59,41 @@ def load_scenes(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_split(out_dir, n, seed, prefix, labels_path, cooc=COOC) -> list[dict]:
-    """Render n seeded scenes to out_dir/<id>.png; their records go to labels_path, which must lie outside out_dir."""
+def write_split(out_dir, n, seed, prefix, labels_path, cooc=COOC, remove_others=False) -> list[dict]:
+    """Render n seeded scenes to out_dir/<id>.png; their records go to labels_path, which must lie outside out_dir.
+
+    Each image is written to a temp file and renamed, and the labels come last, so labels that are there mean the
+    split is whole. A split already written with these records is reused as it is; one a kill interrupted (some of
+    its images, no labels) is finished. Files in out_dir that are not this split's images (another split, the
+    user's own) are refused with a UserError, or removed with remove_others (a folder the caller owns)."""
     out_dir, labels_path = os.path.abspath(out_dir), os.path.abspath(labels_path)
     if os.path.commonpath([out_dir, labels_path]) == out_dir:
         raise ValueError(f"labels {labels_path} must not be inside the image folder {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(os.path.dirname(labels_path), exist_ok=True)
     scenes = sample_scenes(n, seed, prefix, cooc)
+    records = "".join(json.dumps(sc) + "\n" for sc in scenes)
+    names = {sc["image"] for sc in scenes}
+    present = set(os.listdir(out_dir))
+    for name in present:
+        if name.startswith(".tmp-"):  # an image whose write a kill cut short
+            os.remove(os.path.join(out_dir, name))
+    others = sorted(m for m in present - names if not m.startswith(".tmp-"))
+    if others and not remove_others:
+        raise UserError(f"{out_dir} holds {len(others)} file(s) that are not the images of this split "
+                        f"({others[0]}, ...), and they are not written over: give another folder, or delete it")
+    for name in others:
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if os.path.isfile(labels_path) and not others and all(os.path.isfile(os.path.join(out_dir, m)) for m in names):
+        with open(labels_path, encoding="utf-8") as f:
+            if f.read() == records:
+                return scenes
     for sc in scenes:
-        render(sc).save(os.path.join(out_dir, sc["image"]), optimize=False)
-    with open(labels_path, "w") as f:
-        for sc in scenes:
-            f.write(json.dumps(sc) + "\n")
+        buf = io.BytesIO()
+        render(sc).save(buf, "PNG", optimize=False)
+        atomic_write_bytes(os.path.join(out_dir, sc["image"]), buf.getvalue())
+    atomic_write_text(labels_path, records)
     return scenes
 
 

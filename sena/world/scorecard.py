@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+from sena.io import atomic_write_text, read_json
 from sena.world.bench import LOWER_IS_BETTER, load_answerer, load_test_scenes, run_benchmarks, shown, summary
 
 
@@ -25,11 +26,10 @@ def evaluate_model(args):
                  "device": device, "dtype": args.dtype}  # fmt: skip
     out = args.out or os.path.join(args.model, "metrics.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(m, f, indent=2)
-    with open(os.path.join(os.path.dirname(os.path.abspath(out)), "eval_answers.jsonl"), "w") as f:
-        for r in reqs:
-            f.write(json.dumps(r) + "\n")
+    # The answers first, metrics.json last: a run takes metrics.json's presence to mean "evaluated".
+    atomic_write_text(os.path.join(os.path.dirname(os.path.abspath(out)), "eval_answers.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in reqs))
+    atomic_write_text(out, json.dumps(m, indent=2))
     print_table(m)
     print(f"{m['meta']['n_prompts']} prompts in {m['meta']['seconds']:.1f} s -> {out}")
     return m
@@ -48,8 +48,7 @@ def compare(paths):
         f = os.path.join(p, "metrics.json") if os.path.isdir(p) else p
         if not os.path.isfile(f):
             raise SystemExit(f"error: --compare: no metrics file {f} (evaluate.py --model DIR writes one)")
-        with open(f) as fh:
-            runs.append((p, summary(json.load(fh))))
+        runs.append((p, summary(read_json(f))))  # a damaged file: one line naming it
     # Columns are named by the paths below their common folder: runs/x/theta0, runs/x/iter_1/model -> theta0, ...
     dirs = [os.path.abspath(os.path.dirname(p) if p.endswith(".json") else p) for p in paths]
     common = os.path.commonpath(dirs) if len(set(dirs)) > 1 else os.path.dirname(dirs[0])
