@@ -7,13 +7,13 @@ import hashlib
 import json
 import os
 import posixpath
-import random
 import re
 import socket
 import sys
 import tempfile
 import time
 
+from sena import seeds
 from sena.cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -211,7 +211,7 @@ def read_image_list(image_list, per_source=None, seed=0, offset=0):
 
     Records without an 'image' string (LLaVA-665K's text-only conversations) are skipped and counted; a path that
     several records share is kept once. Without per_source: every path, sorted, from `offset` on. With per_source=N:
-    each source's paths are sorted, shuffled with random.Random(f"{seed}-{source}") and the N after the first
+    each source's paths are sorted, shuffled with sena.seeds.rng(seed, "per-source", source) and the N after the first
     `offset` are taken, so rounds that step `offset` by N get disjoint images from every source; the result is
     sorted. A path that lexically leaves the root ('../x', '/etc/x') is refused (ValueError).
     """
@@ -234,7 +234,7 @@ def read_image_list(image_list, per_source=None, seed=0, offset=0):
     else:
         chosen = []
         for src, paths in by_source.items():
-            random.Random(f"{seed}-{src}").shuffle(paths)
+            seeds.rng(seed, "per-source", src).shuffle(paths)
             chosen += paths[offset : offset + per_source]
         parts = [f"{s} {len(v[offset : offset + per_source])}/{len(v)}" for s, v in by_source.items()]
         chosen.sort()

@@ -11,9 +11,10 @@ one seed per (run seed, image, round) with `noise_generator` so every run is rep
 """
 
 import functools
-import hashlib
 
 import torch
+
+from sena.seeds import derive
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,13 +56,9 @@ def add_diffusion_noise(x0, t=600, noise=None, generator=None):
 
 
 def noise_seed(seed, image_key, round):
-    """Deterministic 63-bit seed for one (run seed, image, round), identical across processes and machines.
-
-    sha256 of "seed|image_key|round" (Python's hash() is salted per process, so it cannot be used).
-    image_key: any string naming the image, e.g. its path relative to the pool folder.
-    """
-    digest = hashlib.sha256(f"{seed}|{image_key}|{round}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+    """The seed of one (run seed, image, round)'s noise: sena.seeds.derive(seed, "noise", round, image_key).
+    image_key: any string naming the image, e.g. its path relative to the pool folder."""
+    return derive(seed, "noise", round, image_key)
 
 
 def noise_generator(seed, image_key, round, device="cpu"):

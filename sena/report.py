@@ -14,12 +14,12 @@ import html
 import io
 import json
 import os
-import random
 import re
 import time
 
 from PIL import Image
 
+from sena import seeds
 from sena.io import atomic_write_text, read_jsonl, safe_join
 from sena.pairs import STAGE_COUNTS
 from sena.world.bench import LOWER_IS_BETTER, score_pairs, shown, summary
@@ -127,7 +127,7 @@ def gallery(run_dir, r, n_images):
     for p in r["pairs"]:
         by_image.setdefault(p["image"], []).append(p)
     names = sorted(by_image)
-    names = sorted(random.Random(f"report-{r['k']}").sample(names, min(n_images, len(names))))
+    names = sorted(seeds.rng("report", r["k"]).sample(names, min(n_images, len(names))))
     settings = r["report"].get("settings", {}) | {"round": r["k"]}
     root = r["report"].get("image_root")
     root = root if root and os.path.isdir(root) else os.path.join(run_dir, "pool", f"iter_{r['k']}")

@@ -11,12 +11,11 @@ runs) and meta.json (arguments, input hashes, git commit).
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import time
 
-from sena import cli, dist, flags
+from sena import cli, dist, flags, seeds
 from sena.checkpoint import load_pretrained, save_pretrained
 from sena.io import atomic_write_text, lock_dir, read_json, read_jsonl, read_lines, sha256_file
 from sena.refcache import cache_key, cache_problem, load_reference, save_reference, score_pairs
@@ -206,7 +205,7 @@ def round_telemetry(args, k, round_dir, ref_model, tok, image_cfg, pairs, image_
     tele = {"reference_prefers_chosen": reference_preference(ref, types)}
     if args.reliance_pairs:
         n = min(len(pairs), args.reliance_pairs)
-        idx = sorted(random.Random(args.seed * 1000 + k).sample(range(len(pairs)), n))
+        idx = sorted(seeds.rng(args.seed, "reliance", k).sample(range(len(pairs)), n))
         sub = [pairs[i] for i in idx]
         noised = score_pairs(ref_model, tok, image_cfg, sub, image_root, args.micro_batch_size, args.device,
                              autocast_dtype(args), noise=(args.noise_step, args.seed, k))

@@ -18,14 +18,13 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from sena import dist, prompts
+from sena import dist, prompts, seeds
 from sena.chat import encode_prompt
 from sena.checkpoint import ModelDirError, load_pretrained
 from sena.generation import generate
@@ -77,8 +76,7 @@ def run_prompts(model, tok, feats, users, args, stage, keys, with_image=True, te
 
 def draw_generator(args, stage, key, device):
     """The random stream of one sampled answer: a function of (seed, round, stage, image name) only."""
-    digest = hashlib.sha256(f"{args.seed}-{args.round}-{stage}-{key}".encode()).digest()
-    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little"))
+    return seeds.generator(args.seed, "sample", args.round, stage, key, device=device)
 
 
 def load_stage(path, signature):
@@ -202,7 +200,7 @@ def run_shard(args, paths, root, out):
 
     raw_q, questions = ask_questions(model, tok, clean_feats, names, args, counts)
     keep = [i for i, q in enumerate(questions) if q is not None]
-    rng = [random.Random(f"{args.seed}-{args.round}-{names[i]}") for i in keep]
+    rng = [seeds.rng(args.seed, "describe-prompt", args.round, names[i]) for i in keep]
     des_users = [r.choice(prompts.DESCRIBE_PROMPTS) + prompts.DES_SUFFIX for r in rng]
     gen_users = [questions[i] + prompts.GEN_SUFFIX for i in keep]
 

@@ -10,14 +10,13 @@ Precision: fp32 on CPU; on CUDA a bf16 frozen base, fp32 trainable weights and a
 
 import json
 import os
-import random
 import shutil
 import time
 
 import torch
 from safetensors.torch import load_file
 
-from sena import dist
+from sena import dist, seeds
 from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained
 from sena.io import atomic_write_text, read_jsonl, save_tensors
@@ -74,7 +73,7 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
     # keeps only its 1/N shard on the device; LoRA replicates the model and averages the adapter gradients.
     fsdp = args.full_ft and nproc > 1
     model, tok, image_cfg = load_pretrained(prev, dtype=base_dtype, device="cpu" if fsdp else dev)
-    torch.manual_seed(args.seed * 1000 + k)
+    torch.manual_seed(seeds.derive(args.seed, "lora-init", k))
     if args.full_ft:
         for name, p in model.named_parameters():
             p.requires_grad = "vision_tower" not in name  # the vision tower stays frozen (official)
@@ -88,7 +87,7 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     model.train()
 
-    order_rng = random.Random(args.seed * 1000 + k)
+    order_rng = seeds.rng(args.seed, "order", k)
     order = []
     for _ in range(args.epochs):
         epoch = list(range(len(pairs)))

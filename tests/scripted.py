@@ -80,7 +80,7 @@ def reply(user, key):
     """The scripted answer to one user turn about the image whose key is `key`."""
     if "Current answer:" in user:  # self-enhancement (both IMPROVE prompts)
         answer = between(user, "Current answer:", " Using the image")
-        if pick(range(7), "refuse", key, user) == 0:
+        if pick(range(4), "refuse", key, user) == 0:
             return "The current answer is fine."  # no 'Improved Answer:' -> the rewrite is refused
         if prompts.DES_SUFFIX.strip() in user:  # the question of a des pair is a description prompt
             return f"{prompts.IMPROVED_MARKER} The image shows {answer[:1].lower()}{answer[1:]}"

@@ -2,12 +2,11 @@
 
 import json
 import os
-import random
 
 import pytest
 
 import generate
-from sena import tiny
+from sena import seeds, tiny
 from sena.io import image_source, list_images, read_image_list
 
 # A hand-made slice of LLaVA-665K's layout: five sources of unequal size, a repeated image, text-only records.
@@ -44,10 +43,10 @@ def test_per_source_takes_n_from_each_source_deterministically(tmp_path):
         by_src.setdefault(image_source(r), []).append(r)
     assert {s: len(v) for s, v in by_src.items()} == {s: min(3, n) for s, n in SIZES.items()}
     assert len(set(rels)) == len(rels) and rels == sorted(rels)
-    # The documented rule, written out: each source sorted, shuffled by Random(f"{seed}-{source}"), first N.
+    # The documented rule, written out: each source sorted, shuffled by seeds.rng(seed, "per-source", source), first N.
     for src, taken in by_src.items():
         listed = sorted({r["image"] for r in RECORDS if isinstance(r.get("image"), str) and r["image"].startswith(src)})
-        random.Random(f"0-{src}").shuffle(listed)
+        seeds.rng(0, "per-source", src).shuffle(listed)
         assert sorted(listed[:3]) == taken
     assert read_image_list(path, per_source=3, seed=0) == (rels, summary)
     assert len({tuple(read_image_list(path, per_source=3, seed=s)[0]) for s in range(6)}) > 1  # the seed matters
