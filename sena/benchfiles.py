@@ -26,6 +26,7 @@ import os
 import sys
 
 from sena import metrics as M
+from sena.cli import UserError
 from sena.io import atomic_write_text, read_jsonl, safe_join
 
 LLAVA_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -36,7 +37,7 @@ def check_images(names, image_dir):
     from sena.image import load_image  # torch comes with it; evaluate.py's scorers stay light without
 
     if not os.path.isdir(image_dir):
-        raise SystemExit(f"image folder not found: {image_dir}")
+        raise UserError(f"image folder not found: {image_dir}")
     ok, bad = {}, {}
     for name in dict.fromkeys(names):
         try:
@@ -100,7 +101,7 @@ def answer_pope_files(question_files, image_dir, out_dir, answer_fn, suffix=LLAV
     """
     stems = [os.path.splitext(os.path.basename(q))[0] for q in question_files]
     if len(set(stems)) != len(stems):
-        raise SystemExit(f"question files must have distinct names (their answer files are named after them): {stems}")
+        raise UserError(f"question files must have distinct names (their answer files are named after them): {stems}")
     files = [read_pope_questions(q)[0] for q in question_files]
     ok, bad = check_images([r["image"] for qs in files for r in qs], image_dir)
     reqs = [[{"task": "pope", "image": ok[r["image"]], "prompt": with_suffix(r["text"], suffix), "q": r}
@@ -160,21 +161,21 @@ def score_pope_files(question_files, answer_files, min_answered=0.95, skipped_im
     (repeated question_ids), n_missing (questions without an answer, left out of the metrics) and n_unmatched
     (answers to no question); when any is non-zero, one line on stderr says so.
 
-    A score that cannot be trusted stops with one line instead (SystemExit): a missing file, swapped question and
-    answer files, a split where fewer than min_answered of the questions have an answer (questions on
+    A score that cannot be trusted is refused with a UserError instead: a missing file, swapped question and answer
+    files, a split where fewer than min_answered of the questions have an answer (questions on
     skipped_images, which --model could not read, aside), and answers whose own 'question' field shows they were
     given to other questions (answer files not in the order of the question files).
     """
     if len(question_files) != len(answer_files):
-        raise SystemExit(f"error: {len(question_files)} question files but {len(answer_files)} answer files")
+        raise UserError(f"{len(question_files)} question files but {len(answer_files)} answer files")
     for what, path in [("questions", q) for q in question_files] + [("answers", a) for a in answer_files]:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: --{what} file not found: {path}")
+            raise UserError(f"--{what} file not found: {path}")
     results = {}
     for qf, af in zip(question_files, answer_files):
         if "label" not in _first_record(qf) and "label" in _first_record(af):
-            raise SystemExit(f"error: --questions {qf} has no 'label' and --answers {af} has: the two files are "
-                             "swapped (questions first, then answers)")
+            raise UserError(f"--questions {qf} has no 'label' and --answers {af} has: the two files are "
+                            "swapped (questions first, then answers)")
         base = os.path.basename(qf)
         split = next((s for s in M.POPE_SPLITS if s in base), os.path.splitext(base)[0])
         split = split if split not in results else f"{split}_{len(results)}"
@@ -184,22 +185,22 @@ def score_pope_files(question_files, answer_files, min_answered=0.95, skipped_im
         ans, bad_a = read_jsonl(af, ("question_id",), _check_answer, unique="question_id", tally=ta)
         qs, ans = ({r["question_id"]: r for r in recs} for recs in (qs, ans))
         if not qs:
-            raise SystemExit(f"error: {where}: {qf} holds no valid question line ({bad_q} malformed)")
+            raise UserError(f"{where}: {qf} holds no valid question line ({bad_q} malformed)")
         ids = [i for i in qs if i in ans]
         n_unmatched = sum(i not in qs for i in ans)
         # Dropping unanswered questions changes the score (F1 over the answered half is not the split's F1).
         expected = sum(q.get("image") not in skipped_images for q in qs.values())
         if not ids or len(ids) < min_answered * expected:
-            raise SystemExit(f"error: {where}: {len(ids)} of {len(qs)} questions have an answer "
-                             f"({100 * len(ids) / len(qs):.1f}% < --min-answered {100 * min_answered:g}%); "
-                             f"{len(ans)} valid answer lines, {n_unmatched} with a question_id of no question")
+            raise UserError(f"{where}: {len(ids)} of {len(qs)} questions have an answer "
+                            f"({100 * len(ids) / len(qs):.1f}% < --min-answered {100 * min_answered:g}%); "
+                            f"{len(ans)} valid answer lines, {n_unmatched} with a question_id of no question")
         other = [i for i in ids if isinstance(ans[i].get("question"), str) and isinstance(qs[i].get("text"), str)
                  and not _same_question(ans[i]["question"], qs[i]["text"])]
         if other:
             i = other[0]
-            raise SystemExit(f"error: {where}: {len(other)} answers were given to other questions (question_id "
-                             f"{i!r}: {ans[i]['question']!r} vs {qs[i]['text']!r}); are the --answers files in the "
-                             "order of --questions?")
+            raise UserError(f"{where}: {len(other)} answers were given to other questions (question_id "
+                            f"{i!r}: {ans[i]['question']!r} vs {qs[i]['text']!r}); are the --answers files in the "
+                            "order of --questions?")
         m = M.pope_metrics([ans[i].get("answer", ans[i].get("text")) for i in ids], [qs[i]["label"] for i in ids])
         m.update(n_bad=bad_q + bad_a, n_duplicate=tq["repeated"] + ta["repeated"], n_missing=len(qs) - len(ids),
                  n_unmatched=n_unmatched)  # fmt: skip

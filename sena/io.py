@@ -185,16 +185,16 @@ def safe_join(root, rel):
 
 
 def load_json_list(path, what) -> list:
-    """The JSON list in path; a missing file, invalid JSON or another top-level type stops with the file named."""
+    """The JSON list in path; a missing file, invalid JSON or another top-level type is a UserError naming it."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{what} file not found: {path}")
+        raise UserError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: not valid JSON ({e})") from e
+            raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise SystemExit(f"{path}: expected a JSON list of {what} records, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON list of {what} records, got {type(data).__name__}")
     return data
 
 
@@ -248,9 +248,9 @@ def list_images(images_dir=None, image_list=None, image_root=None, offset=0, num
     """(sorted image paths, root) from a folder or a LLaVA-style JSON list (read_image_list; per_source needs it)."""
     if images_dir:
         if per_source is not None:
-            raise SystemExit("--per-source needs --image-list (the source is the first folder of each listed path)")
+            raise UserError("--per-source needs --image-list (the source is the first folder of each listed path)")
         if not os.path.isdir(images_dir):
-            raise SystemExit(f"image folder not found: {images_dir}")
+            raise UserError(f"image folder not found: {images_dir}")
         root = images_dir
         paths = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
         paths = paths[offset:]
@@ -260,7 +260,7 @@ def list_images(images_dir=None, image_list=None, image_root=None, offset=0, num
         print(summary)
         paths = rels
     else:
-        raise SystemExit("give --images DIR or --image-list JSON")
+        raise UserError("give --images DIR or --image-list JSON")
     if num is not None:
         paths = paths[:num]
     if image_list:  # symlinks are resolved only for the images actually used (a 665K list has 600K+ paths)

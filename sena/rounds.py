@@ -17,6 +17,7 @@ import time
 
 from sena import cli, dist, flags, seeds
 from sena.checkpoint import load_pretrained, save_pretrained
+from sena.cli import UserError
 from sena.io import atomic_write_text, lock_dir, read_json, read_jsonl, read_lines, sha256_file
 from sena.refcache import cache_key, cache_problem, load_reference, save_reference, score_pairs
 from sena.report import write_report
@@ -50,9 +51,9 @@ def check_round_order(args):
     """--iter k needs round k-1 finished (its meta.json): checked before θ0 is built or anything is loaded."""
     k = args.iter
     if k and k > 1 and not round_done(args.run_dir, k - 1):
-        raise SystemExit(f"error: round {k} needs round {k - 1} finished "
-                         f"({os.path.join(args.run_dir, f'iter_{k - 1}', 'meta.json')} is missing); "
-                         f"run first: {run_first(args, k)}")
+        raise UserError(f"round {k} needs round {k - 1} finished "
+                        f"({os.path.join(args.run_dir, f'iter_{k - 1}', 'meta.json')} is missing); "
+                        f"run first: {run_first(args, k)}")
 
 
 def git_commit():
@@ -102,13 +103,13 @@ def prepare_data(args, k, prev, round_dir, world):
     gargs = generation_args(args, k, prev, round_dir, world)
     if os.path.exists(pairs_path):
         if not os.path.exists(report_path):
-            raise SystemExit(f"error: {report_path} is missing beside pairs.jsonl (it names the image root); "
-                             f"delete {pairs_path} to generate the round again")
+            raise UserError(f"{report_path} is missing beside pairs.jsonl (it names the image root); "
+                            f"delete {pairs_path} to generate the round again")
         changed = changed_inputs(read_json(report_path), gargs, k)
         has_pairs = any(line.strip() for line in read_lines(pairs_path))
         if changed and has_pairs:
-            raise SystemExit(f"error: {pairs_path} was generated from other inputs ({changed} changed since); "
-                             f"delete {round_dir} to generate the round again, or use another --run-dir")
+            raise UserError(f"{pairs_path} was generated from other inputs ({changed} changed since); "
+                            f"delete {round_dir} to generate the round again, or use another --run-dir")
         if changed:
             say(f"round {k}: {pairs_path} holds no pairs and its inputs changed ({changed}); generating it again")
             if dist.rank() == 0:
@@ -123,9 +124,9 @@ def prepare_data(args, k, prev, round_dir, world):
     if not pairs:
         counts = ", ".join(f"{key} {report[key]}" for key in ("images", "images_unreadable", "questions_kept",
                                                               "filtered") if key in report)
-        raise SystemExit(f"error: {pairs_path}: no pairs to train on ({bad} malformed lines; {counts or 'no report'})"
-                         f". The round is generated again once its images, θ({k - 1}) or settings change; or delete "
-                         f"{round_dir}")
+        raise UserError(f"{pairs_path}: no pairs to train on ({bad} malformed lines; {counts or 'no report'})"
+                        f". The round is generated again once its images, θ({k - 1}) or settings change; or delete "
+                        f"{round_dir}")
     return pairs_path, pairs, report["image_root"]
 
 
@@ -141,9 +142,9 @@ def run_round(args, k, world):
     prev = args.base if k == 1 else os.path.join(run_dir, f"iter_{k - 1}", "model")
     dist.barrier()  # θ0, pools and pairs are written by rank 0 or by all ranks together; nobody runs ahead
     if not os.path.exists(os.path.join(prev, "config.json")):  # round k-1 has meta.json (check_round_order)
-        raise SystemExit(f"error: round {k} needs θ({k - 1}) at {prev}, which is missing; delete "
-                         f"{os.path.join(run_dir, f'iter_{k - 1}')} and run: {command_for(args, k - 1)}"
-                         if k > 1 else f"error: θ0 at {prev} is missing")
+        raise UserError(f"round {k} needs θ({k - 1}) at {prev}, which is missing; delete "
+                        f"{os.path.join(run_dir, f'iter_{k - 1}')} and run: {command_for(args, k - 1)}"
+                        if k > 1 else f"θ0 at {prev} is missing")
     os.makedirs(round_dir, exist_ok=True)
     t0 = time.time()
     pairs_path, pairs, image_root = prepare_data(args, k, prev, round_dir, world)
@@ -250,23 +251,18 @@ def run(args):
     followed by the report; on the world, the benchmark table θ0 → round k at the end. args: train.py's flags."""
     dist.setup()
     world = None
-    if args.base is None:
+    if args.base is None:  # (--base without images is refused by train.py)
         from sena import world  # the embedded world: θ0, image pools and the labeled test set
-    elif not (args.images or args.image_list):
-        raise SystemExit("--base needs --images DIR or --image-list JSON")
     os.makedirs(args.run_dir, exist_ok=True)
     if dist.rank() == 0:  # one run per directory: a second one would train on, and delete, the first one's files
         lock_dir(args.run_dir, "--run-dir")
     if world:  # θ0: a checked copy of the shipped one (or a fresh build) in the run directory; then just --base
         theta0 = os.path.join(args.run_dir, "theta0")
         if dist.rank() == 0:
-            try:
-                if args.rebuild_theta0:
-                    world.build_theta0(theta0, seed=args.seed, device=args.device)
-                else:
-                    world.install_theta0(args.run_dir, args.theta0 or world.SHIPPED_THETA0)
-            except (world.RecipeError, world.Theta0Error) as e:  # the message names the file and the fix
-                raise SystemExit(f"error: {e}") from None
+            if args.rebuild_theta0:  # a θ0 of another recipe there, or a damaged copy: a UserError naming the file
+                world.build_theta0(theta0, seed=args.seed, device=args.device)
+            else:
+                world.install_theta0(args.run_dir, args.theta0 or world.SHIPPED_THETA0)
         args.base = theta0
         dist.barrier()
     rounds = [args.iter] if args.iter else list(range(1, args.n_iters + 1))

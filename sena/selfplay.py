@@ -27,6 +27,7 @@ from tqdm import tqdm
 from sena import dist, prompts, seeds
 from sena.chat import encode_prompt
 from sena.checkpoint import ModelDirError, load_pretrained
+from sena.cli import UserError
 from sena.generation import generate
 from sena.image import load_image, preprocess
 from sena.io import atomic_write_text, list_images, read_json, sha256_file, sha256_weights
@@ -99,9 +100,9 @@ def load_stage(path, signature):
     except json.JSONDecodeError:
         head = {}
     if not isinstance(head, dict) or head.get("signature") != signature:
-        raise SystemExit(f"error: {path}: written with other settings, model weights or images, or damaged "
-                         f"({head.get('signature') if isinstance(head, dict) else None} != {signature}); delete the "
-                         "round's stages/ folder to regenerate")
+        raise UserError(f"{path}: written with other settings, model weights or images, or damaged "
+                        f"({head.get('signature') if isinstance(head, dict) else None} != {signature}); delete the "
+                        "round's stages/ folder to regenerate")
     # A damaged line (a disk error, an edit) costs one answer: it is dropped and that answer generated again.
     done, bad = {}, []
     for n, line in enumerate(lines[1:-1], 2):
@@ -290,8 +291,8 @@ def generate_round(args):
         counts = {k: sum(s["counts"][k] for s in shards) for k in STAGE_COUNTS}
     if counts["images"] == 0:
         dist.shutdown()
-        raise SystemExit(f"error: no readable images in {args.images or args.image_list} "
-                         f"(skipped {counts['images_unreadable']})")
+        raise UserError(f"no readable images in {args.images or args.image_list} "
+                        f"(skipped {counts['images_unreadable']})")
 
     # Stage 6: the pair filters, each counted.
     filtered = dict.fromkeys(FILTERS, 0)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from sena import dist, seeds
 from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained
+from sena.cli import UserError
 from sena.io import atomic_write_text, read_jsonl, save_tensors
 from sena.lora import apply_lora, lora_disabled, merge_lora
 from sena.losses import dpo_loss, ica_loss, ica_reduce
@@ -98,8 +99,8 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
     # ranks, so N processes take the same steps as one (tests/test_distributed.py).
     local = args.batch_size // nproc
     if local * nproc != args.batch_size or local % args.micro_batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must split into {nproc} processes x whole micro-batches "
-                         f"of --micro-batch-size {args.micro_batch_size}")
+        raise UserError(f"--batch-size {args.batch_size} must split into {nproc} processes x whole micro-batches "
+                        f"of --micro-batch-size {args.micro_batch_size}")
     accum = local // args.micro_batch_size
 
     # Resume: a checkpoint of this round continues where it stopped; the data order is a function of the seed,
@@ -145,8 +146,8 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
                 save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
                 if log:
                     log.close()
-                raise SystemExit(f"round {k}: {bad_steps} non-finite losses (> --max-bad-steps "
-                                 f"{args.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
+                raise UserError(f"round {k}: {bad_steps} non-finite losses (> --max-bad-steps "
+                                f"{args.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
             continue
         if not fsdp:  # FSDP has reduce-scattered the averaged gradients during backward
             dist.average_gradients(params)
@@ -229,5 +230,5 @@ def check_reference(model, batch, feats, refs, cuda):
     tol = (0.5 + 0.02 * refs[0].abs().max().item()) if cuda else 1e-3
     diff = max((live[0].float() - refs[0]).abs().max().item(), (live[1].float() - refs[1]).abs().max().item())
     if diff > tol:
-        raise SystemExit(f"cached reference log-probs differ from a live forward by {diff:.2e} > {tol:.1e}")
+        raise UserError(f"cached reference log-probs differ from a live forward by {diff:.2e} > {tol:.1e}")
     say(f"reference check: cached vs live max |Δ logp| = {diff:.2e} (tol {tol:.1e})")

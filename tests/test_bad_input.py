@@ -10,6 +10,7 @@ import generate
 import train
 from sena import tiny, trainer
 from sena.checkpoint import load_pretrained
+from sena.cli import UserError
 from sena.image import default_image_cfg, load_image, preprocess
 from sena.io import list_images, read_jsonl, safe_join
 
@@ -60,14 +61,14 @@ def test_generate_skips_and_counts_unreadable_images(tmp_path, capsys):
 
 
 def test_missing_folder_empty_pool_and_bad_lists(tmp_path):
-    with pytest.raises(SystemExit, match="image folder not found: .*nowhere"):
+    with pytest.raises(UserError, match="image folder not found: .*nowhere"):
         list_images(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no readable images in .*empty"):
+    with pytest.raises(UserError, match="no readable images in .*empty"):
         generate.main(["--model", tiny.model_dir(tmp_path / "m"), "--images", str(tmp_path / "empty"),
                        "--out", str(tmp_path / "o")])
     (tmp_path / "list.json").write_text("[{'image': broken")
-    with pytest.raises(SystemExit, match="list.json: not valid JSON"):
+    with pytest.raises(UserError, match="list.json: not valid JSON"):
         list_images(image_list=str(tmp_path / "list.json"))
     with pytest.raises(ValueError, match="escapes the image root"):
         safe_join(str(tmp_path), "../../etc/passwd")
@@ -98,7 +99,7 @@ def test_checkpoint_with_missing_or_mismatched_files(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors"):
         load_pretrained(other)
     # train.py stops before any work when the previous round is missing, naming what to run with the same flags.
-    with pytest.raises(SystemExit, match=f"meta.json is missing\\); run first: python train.py --iter 1 --base {other} "
+    with pytest.raises(UserError, match=f"meta.json is missing\\); run first: python train.py --iter 1 --base {other} "
                                          f"--images {tmp_path} --run-dir {tmp_path / 'r'}$"):
         train.main(["--iter", "2", "--base", other, "--images", str(tmp_path), "--run-dir", str(tmp_path / "r")])
 
@@ -116,7 +117,7 @@ def test_non_finite_loss_skips_step_then_stops(tmp_path, monkeypatch, capsys):
         return (losses * float("nan") if calls["n"] % 2 == 0 else losses), rc, rr
 
     monkeypatch.setattr(trainer, "dpo_loss", flaky)
-    with pytest.raises(SystemExit, match="non-finite losses"):
+    with pytest.raises(UserError, match="non-finite losses"):
         train.main(["--iter", "1", "--base", base, "--images", imgs, "--run-dir", str(tmp_path / "run"),
                     "--batch-size", "1", "--micro-batch-size", "1", "--epochs", "2", "--max-bad-steps", "2",
                     "--no-eval"])

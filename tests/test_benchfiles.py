@@ -9,6 +9,7 @@ import evaluate as E
 from sena import amber, tiny
 from sena import benchfiles as BF
 from sena.benchfiles import score_pope_files
+from sena.cli import UserError
 from sena.world import bench
 
 MODEL_ARGS = ["--batch-size", "4", "--max-new-tokens", "5", "--max-new-tokens-short", "3", "--device", "cpu"]
@@ -164,5 +165,5 @@ def test_subcommands_say_what_is_missing(tmp_path):
         E.main(["pope", "--questions", "q.json"])  # neither answers nor a model
     with pytest.raises(SystemExit):
         E.main(["amber", "--queries", "q.json"])
-    with pytest.raises(SystemExit, match="image folder not found"):
+    with pytest.raises(UserError, match="image folder not found"):
         BF.check_images(["a.jpg"], str(tmp_path / "nowhere"))

@@ -7,6 +7,7 @@ import pytest
 
 import generate
 from sena import seeds, tiny
+from sena.cli import UserError
 from sena.io import image_source, list_images, read_image_list
 
 # A hand-made slice of LLaVA-665K's layout: five sources of unequal size, a repeated image, text-only records.
@@ -69,11 +70,11 @@ def test_without_per_source_every_distinct_path_sorted(tmp_path):
 
 
 def test_bad_lists(tmp_path):
-    with pytest.raises(SystemExit, match="expected a JSON list"):
+    with pytest.raises(UserError, match="expected a JSON list"):
         read_image_list(write_list(tmp_path, {"image": "coco/x.jpg"}))
     with pytest.raises(ValueError, match="escapes the image root"):
         read_image_list(write_list(tmp_path, [{"image": "coco/../../etc/passwd"}]))
-    with pytest.raises(SystemExit, match="--per-source needs --image-list"):
+    with pytest.raises(UserError, match="--per-source needs --image-list"):
         list_images(images_dir=str(tmp_path), per_source=2)
 
 

@@ -13,6 +13,7 @@ import train
 from sena import tiny
 from sena.batch import pair_batch, pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained, save_pretrained
+from sena.cli import UserError
 from sena.refcache import cache_key, load_reference, save_reference, score_pairs
 from sena.schedule import lr_at
 
@@ -66,7 +67,7 @@ def test_round_trains_from_step0_ln2_and_saves(setup, capsys):
     # A rerun finds the round done; round 3 without round 2 says what to run.
     train.main(["--iter", "1", "--base", base, "--images", imgs, "--run-dir", str(run), "--no-eval"])
     assert "done already" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="python train.py --iter 2"):
+    with pytest.raises(UserError, match="python train.py --iter 2"):
         train.main(["--iter", "3", "--base", base, "--images", imgs, "--run-dir", str(run), "--no-eval"])
 
 
@@ -177,7 +178,7 @@ def test_step0_check_refuses_a_cache_that_differs_from_the_reference(setup):
     ref["ref_chosen_logps"] += 0.01
     pairs_path = str(run / "iter_1" / "pairs.jsonl")
     save_reference(str(run / "iter_1" / "ref_logps.safetensors"), ref, cache_key(pairs_path, base))
-    with pytest.raises(SystemExit, match=r"log-probs differ from a live forward by 1\.00e-02 > 1\.0e-03"):
+    with pytest.raises(UserError, match=r"log-probs differ from a live forward by 1\.00e-02 > 1\.0e-03"):
         train.main(["--iter", "1", "--base", base, "--images", imgs, "--run-dir", str(run), "--no-eval"])
     assert not os.path.exists(run / "iter_1" / "log.jsonl") or not (run / "iter_1" / "log.jsonl").read_text()
 

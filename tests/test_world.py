@@ -407,7 +407,7 @@ def test_theta0_install_copies_verifies_and_refuses(tiny_theta0, tmp_path):
         with pytest.raises(Theta0Error, match=re.escape(w)):
             install_theta0(str(tmp_path / f"run_{name}"), bad)
         assert not os.path.exists(tmp_path / f"run_{name}" / "theta0")  # nothing half-installed
-    with pytest.raises(SystemExit, match=r"^error: .*model\.safetensors: sha256"):
+    with pytest.raises(Theta0Error, match=r"model\.safetensors: sha256"):
         train.main(["--theta0", str(tmp_path / "lfs"), "--run-dir", str(tmp_path / "run_cli"), "--no-eval"])
     os.remove(os.path.join(str(tmp_path / "lfs"), "meta.json"))
     with pytest.raises(Theta0Error, match="meta.json is missing"):

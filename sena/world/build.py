@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from sena import cli
 from sena.checkpoint import save_pretrained
 from sena.cli import UserError
 from sena.image import default_image_cfg
@@ -40,7 +41,7 @@ from sena.world.render import IMAGE_SIZE, render
 from sena.world.scenes import COOC, sample_scenes
 from sena.world.stage2 import train_stage2
 from sena.world.tasks import Noise
-from sena.world.theta0 import RecipeError, check_recipe, is_complete, weights_hash
+from sena.world.theta0 import check_recipe, is_complete, weights_hash
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
 # θ0's shape: 72 px / 24 px patches -> 9 patch tokens, one per grid cell, and CLS (select="full" keeps it as a 10th
@@ -222,16 +223,14 @@ def main(argv=None):
                     "8 on CUDA)")
     ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="stage-2 optimizer steps")
     args = ap.parse_args(argv)
-    try:
-        build_theta0(args.out, seed=args.seed, device=args.device, threads=args.threads, workers=args.workers,
-                     steps=args.steps)
-    except RecipeError as e:  # a cached θ0 of another seed or recipe: the message names the file and the fix
-        raise SystemExit(f"error: {e}") from None
+    build_theta0(args.out, seed=args.seed, device=args.device, threads=args.threads, workers=args.workers,
+                 steps=args.steps)
 
 
 def cli_main():
-    """The console script `sena-build-theta0` (pip install -e .), the same as `python -m sena.world.build`."""
-    main()
+    """The console script `sena-build-theta0` (pip install -e .), the same as `python -m sena.world.build`. A cached
+    θ0 of another seed or recipe (RecipeError, a UserError) ends it with one line naming the file and the fix."""
+    cli.run(main)
 
 
 if __name__ == "__main__":

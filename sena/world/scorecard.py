@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+from sena.cli import UserError
 from sena.io import atomic_write_text, read_json
 from sena.world.bench import LOWER_IS_BETTER, load_answerer, load_test_scenes, run_benchmarks, shown, summary
 
@@ -47,7 +48,7 @@ def compare(paths):
     for p in paths:
         f = os.path.join(p, "metrics.json") if os.path.isdir(p) else p
         if not os.path.isfile(f):
-            raise SystemExit(f"error: --compare: no metrics file {f} (evaluate.py --model DIR writes one)")
+            raise UserError(f"--compare: no metrics file {f} (evaluate.py --model DIR writes one)")
         runs.append((p, summary(read_json(f))))  # a damaged file: one line naming it
     # Columns are named by the paths below their common folder: runs/x/theta0, runs/x/iter_1/model -> theta0, ...
     dirs = [os.path.abspath(os.path.dirname(p) if p.endswith(".json") else p) for p in paths]

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+from sena.cli import UserError
 from sena.io import sha256_file
 
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
@@ -17,7 +18,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "theta0")
 WEIGHTS = "model.safetensors"
 
 
-class Theta0Error(ValueError):
+class Theta0Error(UserError):
     """A θ0 directory that is missing, corrupt, or another θ0 than the one asked for (the CLIs print one line)."""
 
 
@@ -65,7 +66,7 @@ def is_complete(path) -> bool:
         return bool(json.load(f).get("complete"))
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A cached θ0 built with another recipe than the one asked for (the CLIs print it as one line)."""
 
 
