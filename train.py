@@ -3,7 +3,7 @@
 The code is sena/scripts/train.py, read top to bottom there; pip installs the same command as `sena-train`.
 """
 
-from sena.scripts.train import check_flags, cli_main, main, parse_args  # noqa: F401  (tests call these)
+from sena.scripts.train import cli_main, main, parse_args  # noqa: F401  (tests call these)
 
 if __name__ == "__main__":
     cli_main()

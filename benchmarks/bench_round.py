@@ -20,17 +20,17 @@ import os
 import shutil
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 from benchmarks import common
-from sena import flags, prompts
+from sena import prompts
 from sena.checkpoint import load_pretrained
 from sena.image import load_image, preprocess
 from sena.noise import add_diffusion_noise, noise_generator
 from sena.refcache import score_pairs
-from sena.selfplay import encode_images, run_prompts
+from sena.selfplay import Stages, encode_images, run_prompts
+from sena.settings import generation_settings, train_settings
 from sena.trainer import train_round
 
 
@@ -57,7 +57,8 @@ def one_round(model_dir, img_dir, n, args):
     shutil.rmtree(round_dir, ignore_errors=True)  # run_prompts resumes from its stage files: start clean
     os.makedirs(round_dir)
     t = time.perf_counter()
-    gargs = SimpleNamespace(batch_size=64, max_new_tokens=args.max_new_tokens, out=round_dir, signature="bench")
+    gen = generation_settings(batch_size=64, max_new_tokens=args.max_new_tokens)
+    stages = Stages(gen, 1, os.path.join(round_dir, "stages"), "bench", None)
     cf = encode_images(model, torch.stack(clean), 64)
     nf = encode_images(model, torch.stack(noised), 64)
     secs["vision"] = time.perf_counter() - t
@@ -67,7 +68,7 @@ def one_round(model_dir, img_dir, n, args):
     users = [[u for i, u in rows[k::5]] for k in range(5)]
     with torch.no_grad():
         for j, (k, feats) in enumerate(((0, cf), (1, cf), (2, cf), (3, cf), (2, nf), (3, nf), (4, cf), (4, cf))):
-            run_prompts(model, tok, feats, users[k], gargs, f"stage{j}", names)
+            run_prompts(model, tok, feats, users[k], stages, f"stage{j}", names)
     secs["generate"] = time.perf_counter() - t
 
     pairs = common.pairs(n)
@@ -75,9 +76,9 @@ def one_round(model_dir, img_dir, n, args):
     ref = score_pairs(model, tok, image_cfg, pairs, img_dir, 16)
     secs["reference"] = time.perf_counter() - t
 
-    targs = flags.defaults(flags.train_flags(), epochs=1, batch_size=16, micro_batch_size=16, device="cpu")
+    train = train_settings(epochs=1, batch_size=16, micro_batch_size=16, device="cpu")
     t = time.perf_counter()
-    train_round(targs, 1, model_dir, round_dir, pairs, img_dir, ref, targs.ica_weight)
+    train_round(train, 1, model_dir, round_dir, pairs, img_dir, ref)
     secs["train"] = time.perf_counter() - t
     return secs
 

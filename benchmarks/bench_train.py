@@ -71,13 +71,14 @@ def child_ours(args, plain, lora_patch=False):
 
     torch.set_num_threads(args.threads)
     from sena import batch as B
-    from sena import flags, refcache, trainer
+    from sena import refcache, trainer
     from sena.lora import LoRALinear
 
     if lora_patch:
         LoRALinear.forward = lora_scale_inside
     from sena.checkpoint import load_pretrained
     from sena.io import read_jsonl
+    from sena.settings import train_settings
 
     if plain:  # the duplicated layout everywhere: reference pass, live check and training steps
         trainer.pair_batch, trainer.pair_logps = B.plain_pair_batch, B.plain_pair_logps
@@ -91,11 +92,11 @@ def child_ours(args, plain, lora_patch=False):
     ref = refcache.score_pairs(ref_model, tok, image_cfg, pairs, imgs, args.batch_size)
     del ref_model
     t_ref = time.perf_counter() - t0
-    targs = flags.defaults(flags.train_flags(), epochs=1, batch_size=args.batch_size, micro_batch_size=args.batch_size,
-                           lora_r=LORA["r"], lora_alpha=float(LORA["alpha"]), lora_targets=LORA["targets"],
-                           device="cpu", warmup_ratio=0.0)
+    settings = train_settings(epochs=1, batch_size=args.batch_size, micro_batch_size=args.batch_size,
+                              lora_r=LORA["r"], lora_alpha=float(LORA["alpha"]), lora_targets=LORA["targets"],
+                              device="cpu", warmup_ratio=0.0)
     t0 = time.perf_counter()
-    trainer.train_round(targs, 1, model_dir, round_dir, pairs, imgs, ref, targs.ica_weight)
+    trainer.train_round(settings, 1, model_dir, round_dir, pairs, imgs, ref)
     t_train = time.perf_counter() - t0
     with open(os.path.join(round_dir, "log.jsonl")) as f:
         steps = [json.loads(line) for line in f]

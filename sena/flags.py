@@ -1,10 +1,10 @@
-"""Every flag of train.py, generate.py and evaluate.py --model, each defined once, with what --ablation means.
+"""Every flag of train.py, generate.py and evaluate.py --model, each defined once (type, default, help), with what
+--ablation means.
 
-A group is a list of (flag, argparse keywords). `add` puts a group on a parser; `defaults` makes the namespace that
-parsing no flags would give, with some values set: sena.rounds calls generation and evaluation with exactly what
-`generate.py ...` and `evaluate.py --model ...` would parse. Flags that train.py passes on to generation are one
-group (round_flags), so the two scripts cannot drift apart. evaluate.py's subcommands (pope, amber, report) define
-their file arguments where they parse them.
+A group is a list of (flag, argparse keywords). `add` puts a group on a parser; `defaults` gives the values argparse
+parses when no flag is typed. sena/settings.py builds its frozen settings from the parsed flags, one field per flag.
+Flags that train.py passes on to generation are one group (round_flags), so the two scripts cannot drift apart.
+evaluate.py's subcommands (pope, amber, report) define their file arguments where they parse them.
 """
 
 import argparse
@@ -200,25 +200,9 @@ def add(parser, group):
     return parser
 
 
-def _dest(flag):
-    """argparse's attribute name of a flag: --noise-step -> noise_step."""
-    return flag.lstrip("-").replace("-", "_")
-
-
-def defaults(group, **values) -> argparse.Namespace:
-    """The namespace `parser.parse_args` gives for this group with no flags but `values` (Python values, already of
-    the flag's type). Required flags must be in `values`; a name the group does not have is refused."""
-    ns = {}
+def defaults(group) -> dict:
+    """{name: value} that argparse parses for this group when no flag is typed (a required flag's is None)."""
+    parser = argparse.ArgumentParser(add_help=False)
     for flag, kw in group:
-        dest = _dest(flag)
-        default = False if kw.get("action") == "store_true" else kw.get("default")
-        if isinstance(default, str) and "type" in kw:  # as argparse does: a string default goes through the type
-            default = kw["type"](default)
-        ns[dest] = default
-    unknown = set(values) - set(ns)
-    if unknown:
-        raise TypeError(f"flags {sorted(unknown)} are not in this group")
-    missing = [flag for flag, kw in group if kw.get("required") and _dest(flag) not in values]
-    if missing:
-        raise TypeError(f"required flags {missing} have no value")
-    return argparse.Namespace(**(ns | values))
+        parser.add_argument(flag, **(kw | {"required": False}))
+    return vars(parser.parse_args([]))

@@ -24,27 +24,36 @@ from sena.io import atomic_write_text, read_jsonl, save_tensors
 from sena.lora import apply_lora, lora_disabled, merge_lora
 from sena.losses import dpo_loss, ica_loss, ica_reduce
 from sena.schedule import lr_at
+from sena.settings import TrainSettings, micro_batches
 
 say = dist.say
 
 
-def pair_loss(model, chunk, idx, ref, tok, image_root, image_cfg, args, ica_weight, check):
-    """DPO + λ·ICA of one micro-batch of pairs, and the detached statistics every DPO user expects."""
-    dev, cuda = args.device, args.device.startswith("cuda")
-    batch = {k: v.to(dev) for k, v in pair_batch([tokenize_pair(tok, model.config, p) for p in chunk],
-                                                  tok.pad_token_id).items()}
-    refs = [ref[f][idx].to(dev) for f in ("ref_chosen_logps", "ref_rejected_logps")]
-    is_des = torch.tensor([p["type"] == "des" for p in chunk], device=dev, dtype=torch.float32)
-    with torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
-        pixels = load_pixels(chunk, image_root, image_cfg).to(dev, next(model.parameters()).dtype)
-        with torch.set_grad_enabled(args.full_ft):
-            feats = model.encode_images(pixels)  # frozen tower (+ frozen projector under LoRA)
+def micro_batch(model, tok, image_cfg, image_root, pairs, idx, ref, device):
+    """One micro-batch on the device: the packed token rows of pairs[idx] (sena.batch), their pixels, their cached
+    reference log-probs and which of them are des pairs."""
+    chunk = [pairs[i] for i in idx]
+    rows = pair_batch([tokenize_pair(tok, model.config, p) for p in chunk], tok.pad_token_id)
+    return {"batch": {k: v.to(device) for k, v in rows.items()},
+            "pixels": load_pixels(chunk, image_root, image_cfg).to(device, next(model.parameters()).dtype),
+            "refs": [ref[f][idx].to(device) for f in ("ref_chosen_logps", "ref_rejected_logps")],
+            "is_des": torch.tensor([p["type"] == "des" for p in chunk], device=device, dtype=torch.float32)}
+
+
+def pair_loss(model, mb, settings: TrainSettings, check=False):
+    """DPO + λ·ICA of one micro-batch (micro_batch), and the detached statistics every DPO user expects. check: first
+    compare the cached reference with a live one (check_reference)."""
+    cuda = settings.device.startswith("cuda")
+    batch, refs, is_des = mb["batch"], mb["refs"], mb["is_des"]
+    with torch.autocast(device_type=settings.device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+        with torch.set_grad_enabled(settings.full_ft):
+            feats = model.encode_images(mb["pixels"])  # frozen tower (+ frozen projector under LoRA)
         if check:
             check_reference(model, batch, feats, refs, cuda)
         pc, pr, pc_mean, _ = pair_logps(model, batch, feats)
-    losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], args.beta, args.dpop)
-    ica = ica_reduce(ica_loss(pc_mean, is_des), is_des, args.ica_reduction)
-    loss = losses.mean() + ica_weight * ica
+    losses, r_c, r_r = dpo_loss(pc, pr, refs[0], refs[1], settings.beta, settings.dpop)
+    ica = ica_reduce(ica_loss(pc_mean, is_des), is_des, settings.ica_reduction)
+    loss = losses.mean() + settings.ica_weight * ica
     stats = {"loss": loss, "dpo": losses.mean(), "ica": ica, "rewards/chosen": r_c.mean(),
              "rewards/rejected": r_r.mean(), "rewards/margins": (r_c - r_r).mean(),
              "rewards/accuracies": (r_c > r_r).float().mean(), "logps/chosen": pc.mean(),
@@ -52,56 +61,54 @@ def pair_loss(model, chunk, idx, ref, tok, image_root, image_cfg, args, ica_weig
     return loss, {k: v.item() for k, v in stats.items()}, int(batch["attention_mask"].sum())
 
 
-def weight_dtype(args):
+def weight_dtype(settings: TrainSettings):
     """Precision in three lines: fp32 everywhere on CPU; on CUDA the frozen base is bf16 (full FT: fp32 master
     weights), the trainable weights stay fp32, and the forward runs under bf16 autocast (pair_loss). The reference
     is scored with the same weights dtype, so that at step 0 policy and reference are the same numbers (DPO = ln 2)."""
-    return torch.bfloat16 if args.device.startswith("cuda") and not args.full_ft else torch.float32
+    return torch.bfloat16 if settings.device.startswith("cuda") and not settings.full_ft else torch.float32
 
 
-def autocast_dtype(args):
+def autocast_dtype(device):
     """bf16 autocast on CUDA, none on CPU: the forward's precision, for the reference and telemetry passes."""
-    return torch.bfloat16 if args.device.startswith("cuda") else None
+    return torch.bfloat16 if device.startswith("cuda") else None
 
 
-def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
-    """DPO + λ·ICA (λ = ica_weight) from θ(k-1) on a round's pairs and their cached reference log-probs; returns the
-    trained (merged) model, tokenizer and image config. args: train.py's flags."""
-    dev = args.device
+def train_round(settings: TrainSettings, k, prev, round_dir, pairs, image_root, ref):
+    """DPO + λ·ICA (λ = settings.ica_weight) from θ(k-1) in `prev` on round k's pairs and their cached reference
+    log-probs; returns the trained (merged) model, tokenizer and image config."""
+    dev = settings.device
     rank, nproc = dist.rank(), dist.size()
-    base_dtype = weight_dtype(args)
+    base_dtype = weight_dtype(settings)
     # Full fine-tuning under torchrun shards the model with FSDP (sena/dist.py): each rank loads it on the CPU and
     # keeps only its 1/N shard on the device; LoRA replicates the model and averages the adapter gradients.
-    fsdp = args.full_ft and nproc > 1
+    fsdp = settings.full_ft and nproc > 1
     model, tok, image_cfg = load_pretrained(prev, dtype=base_dtype, device="cpu" if fsdp else dev)
-    torch.manual_seed(seeds.derive(args.seed, "lora-init", k))
-    if args.full_ft:
+    torch.manual_seed(seeds.derive(settings.seed, "lora-init", k))
+    if settings.full_ft:
         for name, p in model.named_parameters():
             p.requires_grad = "vision_tower" not in name  # the vision tower stays frozen (official)
     else:
-        apply_lora(model, args.lora_targets.split(","), r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        apply_lora(model, settings.lora_targets.split(","), r=settings.lora_r, alpha=settings.lora_alpha,
+                   dropout=settings.lora_dropout)
     if fsdp:
         dist.shard_model(model, mixed_precision=dev.startswith("cuda"))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999))
     model.train()
 
-    order_rng = seeds.rng(args.seed, "order", k)
+    order_rng = seeds.rng(settings.seed, "order", k)
     order = []
-    for _ in range(args.epochs):
+    for _ in range(settings.epochs):
         epoch = list(range(len(pairs)))
         order_rng.shuffle(epoch)
         order += epoch
-    total = max(1, len(order) // args.batch_size)
+    total = max(1, len(order) // settings.batch_size)
     # Each rank takes an equal slice of every global batch, in micro-batches; gradients are then averaged over
     # ranks, so N processes take the same steps as one (tests/test_distributed.py).
-    local = args.batch_size // nproc
-    if local * nproc != args.batch_size or local % args.micro_batch_size:
-        raise UserError(f"--batch-size {args.batch_size} must split into {nproc} processes x whole micro-batches "
-                        f"of --micro-batch-size {args.micro_batch_size}")
-    accum = local // args.micro_batch_size
+    accum = micro_batches(settings.batch_size, settings.micro_batch_size, nproc)
+    local = settings.batch_size // nproc
 
     # Resume: a checkpoint of this round continues where it stopped; the data order is a function of the seed,
     # so the step number is the data position. log.jsonl keeps only the lines of steps before the resumed one.
@@ -118,18 +125,18 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
             kept = [json.dumps(r) + "\n" for r in read_jsonl(log_path, required=("step",))[0] if r["step"] < start]
         atomic_write_text(log_path, "".join(kept))
     log = open(log_path, "a") if rank == 0 else None
-    warmup = max(1, int(args.warmup_ratio * total))  # linear warmup over this share of the steps
+    warmup = max(1, int(settings.warmup_ratio * total))  # linear warmup over this share of the steps
     t_start = time.time()
     for step in range(start, total):
         t0, ntok, stats, finite = time.time(), 0, {}, True
-        lr = lr_at(step, total, args.lr, warmup, constant=args.schedule == "constant")
+        lr = lr_at(step, total, settings.lr, warmup, constant=settings.schedule == "constant")
         for g in opt.param_groups:
             g["lr"] = lr
-        mine = order[step * args.batch_size + rank * local:][:local]
+        mine = order[step * settings.batch_size + rank * local:][:local]
         for m in range(accum):
-            idx = mine[m * args.micro_batch_size:][: args.micro_batch_size]
-            loss, st, n = pair_loss(model, [pairs[i] for i in idx], idx, ref, tok, image_root, image_cfg, args,
-                                    ica_weight, check=step == 0 and m == 0)
+            idx = mine[m * settings.micro_batch_size:][: settings.micro_batch_size]
+            mb = micro_batch(model, tok, image_cfg, image_root, pairs, idx, ref, dev)
+            loss, st, n = pair_loss(model, mb, settings, check=step == 0 and m == 0)
             # Ranks agree before any backward: under FSDP a backward communicates, so all ranks run it or none does.
             finite = finite and dist.all_ranks(bool(torch.isfinite(loss)))
             if finite:
@@ -142,16 +149,16 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
             opt.zero_grad(set_to_none=True)
             bad_steps += 1
             say(f"iter {k} step {step}: non-finite loss, step skipped ({bad_steps} so far)")
-            if bad_steps > args.max_bad_steps:
+            if bad_steps > settings.max_bad_steps:
                 save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
                 if log:
                     log.close()
                 raise UserError(f"round {k}: {bad_steps} non-finite losses (> --max-bad-steps "
-                                f"{args.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
+                                f"{settings.max_bad_steps}); stopped at step {step}, checkpoint in {ckpt_dir}")
             continue
         if not fsdp:  # FSDP has reduce-scattered the averaged gradients during backward
             dist.average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()  # DTensors: the global norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()  # DTensors: the global norm
         opt.step()
         opt.zero_grad(set_to_none=True)
         stats = dist.average(stats | {"tokens": ntok})
@@ -164,14 +171,14 @@ def train_round(args, k, prev, round_dir, pairs, image_root, ref, ica_weight):
             f"ica {stats['ica']:.4f} | acc {stats['rewards/accuracies']:.2f} | "
             f"margin {stats['rewards/margins']:.3f} | gnorm {grad_norm:.3f} | lr {lr:.2e} | "
             f"tok/s {stats['tokens_per_s']:.0f}")
-        if (step + 1) % args.save_every == 0 and step + 1 < total:
+        if (step + 1) % settings.save_every == 0 and step + 1 < total:
             save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
     if log:
         log.close()
     say(f"iter {k}: {total - start} steps in {time.time() - t_start:.1f} s")
     if fsdp:
         model = dist.gather_model(model)  # θ(k) whole on rank 0's CPU, None on the other ranks
-    elif not args.full_ft:
+    elif not settings.full_ft:
         merge_lora(model)
     return model and model.float(), tok, image_cfg
 

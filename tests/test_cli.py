@@ -278,21 +278,3 @@ def test_round_pairs_that_are_empty_or_stale(tmp_path, dirs, monkeypatch, capsys
         assert str(e.value.code) == (f"error: {tmp_path}/run2/iter_1/pairs.jsonl was generated from other inputs "
                                      f"({what} changed since); delete {tmp_path}/run2/iter_1 to generate the round "
                                      "again, or use another --run-dir")
-
-
-def test_flag_defaults_equal_what_the_scripts_parse(tmp_path):
-    """A round builds generate.py's and train.py's namespaces with flags.defaults: they must equal the parsed ones."""
-    from sena import flags
-
-    parsed = vars(generate.parse_args(["--model", "M", "--out", "O", "--images", "I", "--round", "2",
-                                       "--noise-step", "800"]))
-    assert parsed and parsed["noise_step"] == 800
-    built = flags.defaults(flags.generate_flags(), model="M", out="O", images="I", round=2, noise_step=800)
-    assert vars(built) == parsed
-    parsed = vars(train.parse_args(["--run-dir", str(tmp_path), "--lora-alpha", "8"]))
-    parsed.pop("argv")
-    assert parsed and vars(flags.defaults(flags.train_flags(), run_dir=str(tmp_path), lora_alpha=8.0)) == parsed
-    with pytest.raises(TypeError, match="not in this group"):
-        flags.defaults(flags.generate_flags(), model="M", out="O", no_such_flag=1)
-    with pytest.raises(TypeError, match="required flags"):
-        flags.defaults(flags.generate_flags(), out="O")

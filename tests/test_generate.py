@@ -114,11 +114,11 @@ def test_enhance_types_gen_leaves_descriptions_raw(tmp_path):
 def test_sampled_questions_depend_on_seed_round_and_image_not_on_batching(tmp_path, monkeypatch):
     """--ask-temperature: the self-asked question is drawn, not argmaxed, from a stream seeded by (seed, round, image),
     so batch size (and hence sharding or a resume) cannot change it, while another seed or round does."""
-    import argparse
     from glob import glob
 
     from sena import prompts
     from sena.generation import generate as real_generate
+    from sena.settings import generation_settings
 
     monkeypatch.setattr(selfplay, "generate", real_generate)
     model, tok, cfg = load_pretrained(tiny.model_dir(tmp_path / "m"), need_tokenizer=True)
@@ -127,9 +127,9 @@ def test_sampled_questions_depend_on_seed_round_and_image_not_on_batching(tmp_pa
     keys = [os.path.basename(p) for p in paths]
 
     def ask(out, batch, seed=0, rnd=1, temperature=1.0):
-        args = argparse.Namespace(out=str(tmp_path / out), signature="s", batch_size=batch, max_new_tokens=12,
-                                  seed=seed, round=rnd)
-        return selfplay.run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(keys), args, "ask", keys,
+        settings = generation_settings(batch_size=batch, max_new_tokens=12, seed=seed)
+        stages = selfplay.Stages(settings, rnd, str(tmp_path / out), "s", None)
+        return selfplay.run_prompts(model, tok, feats, [prompts.ASK_QUESTION] * len(keys), stages, "ask", keys,
                                     temperature=temperature)
 
     a = ask("a", 4)

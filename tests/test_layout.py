@@ -101,3 +101,91 @@ def test_the_cycle_check_can_fail(monkeypatch):
         assert "sena.trainer -> sena.losses -> sena.trainer" in str(e) or "sena.losses -> sena.trainer" in str(e)
     else:
         raise AssertionError("the cycle check missed a cycle")
+
+
+# The command-line edge, where parsed flags are read and settings built: the scripts, and `python -m sena.world.build`.
+EDGES = ("sena.scripts.", "sena.world.build:main")
+SETTINGS_TYPES = ("Settings", "ImageSource", "Stages")  # sena.settings' classes (names ending so), selfplay.Stages
+
+
+def settings_misuse(source, module="sena.x"):
+    """Lines where library code reads a parsed namespace (`args.x`, argparse.Namespace) or treats a settings object as
+    mutable: assigns or deletes one of its fields, setattr / delattr / object.__setattr__ on it, vars() or __dict__ of
+    it, or a getattr with a default. A settings object is a parameter annotated with a settings class or named
+    `settings`, or a local bound to one's field (`train = settings.train`)."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Module)):
+            continue
+        if isinstance(fn, ast.Module):  # module-level statements (no settings parameter there)
+            names, body = set(), [n for n in fn.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        else:
+            if f"{module}:{fn.name}".startswith(EDGES) or module.startswith(EDGES):
+                continue
+            params = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+            names = {a.arg for a in params if a.arg == "settings" or (
+                a.annotation is not None and ast.unparse(a.annotation).endswith(SETTINGS_TYPES))}
+            body = fn.body
+        nodes = [n for stmt in body for n in ast.walk(stmt)]
+        for n in nodes:  # locals bound to a settings object's field are settings too
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Attribute) and root(n.value) in names:
+                names |= {t.id for t in n.targets if isinstance(t, ast.Name)}
+        for n in nodes:
+            bad = None
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "args":
+                bad = f"reads args.{n.attr}"
+            elif isinstance(n, ast.Attribute) and n.attr in ("Namespace", "__dict__"):
+                bad = f"uses {ast.unparse(n)}"
+            elif isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+                targets = n.targets if isinstance(n, (ast.Assign, ast.Delete)) else [n.target]
+                for e in (e for t in targets for e in ast.walk(t)):
+                    if isinstance(e, (ast.Attribute, ast.Subscript)) and root(e) in names:
+                        bad = f"sets {ast.unparse(e)}"
+            elif isinstance(n, ast.Call) and n.args and root(n.args[0]) in names:
+                call = ast.unparse(n.func)
+                if call in ("setattr", "delattr", "object.__setattr__", "vars") or (call == "getattr" and len(
+                        n.args) == 3):
+                    bad = f"calls {call} on {ast.unparse(n.args[0])}"
+            if bad:
+                found.append(f"{n.lineno}: {bad}")
+    return sorted(set(found), key=lambda s: int(s.split(":")[0]))
+
+
+def root(node):
+    """The name at the root of `a.b[c].d`, or None."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def test_library_reads_no_namespace_and_mutates_no_settings():
+    """Settings are built once at the command-line edge and never changed after: library code takes them as values
+    (sena/settings.py) and reads no `args.` namespace. The frozen dataclasses refuse an assignment when it runs; this
+    finds one in code that no test runs."""
+    mods = modules()
+    problems = {}
+    for m, path in mods.items():
+        if m.startswith("sena") and not m.startswith(EDGES):
+            with open(path, encoding="utf-8") as f:
+                found = settings_misuse(f.read(), m)
+            if found:
+                problems[m] = found
+    assert not problems, problems
+
+
+def test_the_settings_check_can_fail():
+    planted = '''
+def f(settings, run: RunSettings, x):
+    settings.seed = 1
+    train = run.train
+    train.lr += 1
+    object.__setattr__(run, "base", "b")
+    getattr(settings, "prefix_cache", None)
+    vars(run)["x"] = 1
+    return args.seed, argparse.Namespace(a=1), x.y
+'''
+    found = " | ".join(settings_misuse(planted))
+    for what in ("sets settings.seed", "sets train.lr", "calls object.__setattr__ on run", "calls getattr on settings",
+                 "calls vars on run", "reads args.seed", "uses argparse.Namespace"):
+        assert what in found, (what, found)
+    assert "x.y" not in found  # a parameter that is not settings may be anything

@@ -33,6 +33,7 @@ import sys
 from sena import amber, cli, flags
 from sena import benchfiles as BF
 from sena.io import atomic_write_text
+from sena.settings import answer_settings, eval_settings
 from sena.world.bench import load_answerer
 from sena.world.scorecard import compare, evaluate_model
 
@@ -71,24 +72,23 @@ def pope_main(argv):
                         "questions on images --model could not read aside)")
     flags.add(p, flags.answering_flags())
     args = p.parse_args(argv)
-    skipped = None
+    answers, out, skipped = args.answers, args.out, None
     for q in args.questions:  # before a model is loaded for them
         if not os.path.isfile(q):
             p.error(f"argument --questions: file not found: {q}")
     if args.model:
         if not (args.image_dir and args.out_dir):
             p.error("--model needs --image-dir and --out-dir")
-        answer_fn = load_answerer(args, args.image_dir)[0]
-        args.answers, skipped = BF.answer_pope_files(args.questions, args.image_dir, args.out_dir, answer_fn,
-                                                     args.suffix)  # fmt: skip
-        args.out = args.out or os.path.join(args.out_dir, "pope_metrics.json")
-    elif not args.answers:
+        answer_fn = load_answerer(args.model, args.image_dir, answer_settings(args))[0]
+        answers, skipped = BF.answer_pope_files(args.questions, args.image_dir, args.out_dir, answer_fn, args.suffix)
+        out = out or os.path.join(args.out_dir, "pope_metrics.json")
+    elif not answers:
         p.error("give --answers FILES to score, or --model DIR --image-dir IMGS --out-dir D to answer first")
-    results = BF.score_pope_files(args.questions, args.answers, args.min_answered, skipped or ())
+    results = BF.score_pope_files(args.questions, answers, args.min_answered, skipped or ())
     BF.print_pope_table(results)
-    if args.out:
-        atomic_write_text(args.out, json.dumps(results if skipped is None else {**results, "skipped_images": skipped},
-                                               indent=2))
+    if out:
+        atomic_write_text(out, json.dumps(results if skipped is None else {**results, "skipped_images": skipped},
+                                          indent=2))
     return results
 
 
@@ -112,7 +112,7 @@ def amber_main(argv):
         if args.queries:
             asked = [q["id"] for q in amber.read_json_list(args.queries, {"id": (int,)}, "query")[0]]
     elif args.model and args.queries and args.image_dir and args.out_dir:
-        answer_fn = load_answerer(args, args.image_dir)[0]
+        answer_fn = load_answerer(args.model, args.image_dir, answer_settings(args))[0]
         path = os.path.join(args.out_dir, "amber_responses.json")
         responses, _ = amber.answer_amber(args.queries, args.image_dir, path, answer_fn, args.suffix)
         asked = [r["id"] for r in responses]  # questions on unreadable images were not asked
@@ -153,7 +153,7 @@ def main(argv=None):
         return compare(args.compare)
     if not args.model:
         p.error("give --model DIR (or --compare ..., or the pope subcommand)")
-    return evaluate_model(args)
+    return evaluate_model(args.model, eval_settings(args), args.test_dir, args.test_labels, args.out)
 
 
 def cli_main():

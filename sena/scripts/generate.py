@@ -14,6 +14,7 @@ import torch
 
 from sena import cli, dist, flags
 from sena.selfplay import generate_round
+from sena.settings import generation_settings, image_source
 
 
 def parse_args(argv):
@@ -28,9 +29,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads and not args.device.startswith("cuda"):
-        torch.set_num_threads(args.threads)
-    return generate_round(args)
+    settings = generation_settings(args)
+    if settings.threads and not settings.device.startswith("cuda"):
+        torch.set_num_threads(settings.threads)
+    return generate_round(settings, args.model, image_source(args), args.out, args.round)
 
 
 def cli_main():

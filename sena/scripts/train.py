@@ -14,49 +14,35 @@ Loss of a batch of B pairs (DPO plus λ times the image-content alignment NLL of
         = the same sum / number of des pairs        (--ica-reduction des)
 """
 
-import os
 import sys
 
 import torch
 
 from sena import cli, dist, flags
+from sena.cli import UserError
 from sena.rounds import check_round_order, run
+from sena.settings import RunSettings, run_settings
 
 
-def parse_args(argv):
+def parse_args(argv) -> RunSettings:
+    """The run's settings from the command line. A bad flag, or flags that do not go together (run_settings), is
+    refused with one line and exit status 2; a round whose previous one is missing, with a UserError."""
     p = flags.add(cli.Parser(prog="train.py", description=__doc__), flags.train_flags())
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    args.argv = argv  # for the commands that refusals suggest: the user's own flags
-    check_flags(p, args)
-    check_round_order(args)
-    return args
-
-
-def check_flags(p, args):
-    """What single flags cannot say: flags that go together, and how a batch splits. Refused here, before θ0 is
-    built, a model loaded or a reference pass run."""
-    if args.images and args.image_list:
-        p.error("give one of --images DIR or --image-list JSON, not both")
-    if args.image_root and not args.image_list:
-        p.error("--image-root goes with --image-list")
-    if args.base is not None:
-        if not os.path.isfile(os.path.join(args.base, "config.json")):
-            p.error(f"argument --base: {args.base} is not a Hugging Face LLaVA directory (no config.json)")
-        if not (args.images or args.image_list):
-            p.error("--base needs --images DIR or --image-list JSON")
-    # Each of the torchrun processes takes an equal slice of every batch, in whole micro-batches (train_round).
-    nproc = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % (nproc * args.micro_batch_size):
-        p.error(f"--batch-size {args.batch_size} must split into {nproc} process(es) x whole micro-batches of "
-                f"--micro-batch-size {args.micro_batch_size}")
+    try:
+        settings = run_settings(args, argv)  # argv: the commands that refusals suggest keep the user's own flags
+    except UserError as e:
+        p.error(str(e))
+    check_round_order(settings)
+    return settings
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.threads and not args.device.startswith("cuda"):
-        torch.set_num_threads(args.threads)
-    run(args)
+    settings = parse_args(argv)
+    if settings.generation.threads and not settings.generation.device.startswith("cuda"):
+        torch.set_num_threads(settings.generation.threads)
+    run(settings)
 
 
 def cli_main():

@@ -256,18 +256,19 @@ def answer_requests(model, tok, image_cfg, reqs, image_dir, batch_size, max_new_
         r["answer"] = done[(r["image"], r["prompt"])]
 
 
-def load_answerer(args, image_dir):
-    """(answer_fn, device): greedy answers from args.model on images under image_dir (answer_requests)."""
+def load_answerer(model_dir, image_dir, settings):
+    """(answer_fn, device): greedy answers from the model in model_dir on images under image_dir (answer_requests),
+    as settings (sena.settings.AnswerSettings) say."""
     import torch
 
     from sena.checkpoint import load_pretrained
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok, image_cfg = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device,
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, image_cfg = load_pretrained(model_dir, dtype=getattr(torch, settings.dtype), device=device,
                                             need_tokenizer=True)
     model.eval()
-    caps = {True: args.max_new_tokens_short, False: args.max_new_tokens}
-    return lambda rs: answer_requests(model, tok, image_cfg, rs, image_dir, args.batch_size, caps), device
+    caps = {True: settings.max_new_tokens_short, False: settings.max_new_tokens}
+    return lambda rs: answer_requests(model, tok, image_cfg, rs, image_dir, settings.batch_size, caps), device
 
 
 def load_test_scenes(test_dir, labels, n, seed):

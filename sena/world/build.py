@@ -114,17 +114,17 @@ def model_config(tok, **over) -> ModelConfig:
 
 def evaluate_theta0(model_dir, device="cpu", batch_size=64) -> dict:
     """θ0's world benchmarks (sena/world/bench.py) on the default test split, written to a temporary folder."""
-    from sena import flags
     from sena.checkpoint import load_pretrained
+    from sena.settings import eval_settings
     from sena.world.bench import answer_requests, run_benchmarks, summary
 
-    split = flags.defaults(flags.world_eval_flags())  # evaluate.py's test split and token caps
+    split = eval_settings()  # evaluate.py's test split and token caps
     model, tok, image_cfg = load_pretrained(model_dir, device=device)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         scenes = write_split(os.path.join(tmp, "test"), split.n_test, split.test_seed, "test",
                              os.path.join(tmp, "labels.jsonl"))
-        caps = {True: split.max_new_tokens_short, False: split.max_new_tokens}
+        caps = {True: split.answer.max_new_tokens_short, False: split.answer.max_new_tokens}
         metrics, _ = run_benchmarks(scenes, lambda rs: answer_requests(model, tok, image_cfg, rs,
                                                                        os.path.join(tmp, "test"), batch_size, caps))
     return summary(metrics)

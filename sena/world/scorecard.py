@@ -9,23 +9,24 @@ import time
 
 from sena.cli import UserError
 from sena.io import atomic_write_text, read_json
+from sena.settings import EvalSettings
 from sena.world.bench import LOWER_IS_BETTER, load_answerer, load_test_scenes, run_benchmarks, shown, summary
 
 
-def evaluate_model(args):
-    """Greedy answers of args.model on the held-out scenes, every world benchmark; writes metrics.json (args.out or
-    inside the model directory) and eval_answers.jsonl beside it, prints the table, returns the metrics.
-    args: evaluate.py's flags (sena.flags.world_eval_flags)."""
-    answer_fn, device = load_answerer(args, args.test_dir)
-    scenes, labels = load_test_scenes(args.test_dir, args.test_labels, args.n_test, args.test_seed)
+def evaluate_model(model_dir, settings: EvalSettings, test_dir, test_labels=None, out=None):
+    """Greedy answers of the model in model_dir on the held-out scenes of test_dir (labels: test_labels, or found
+    beside it), every world benchmark; writes metrics.json (`out`, or inside the model directory) and
+    eval_answers.jsonl beside it, prints the table, returns the metrics."""
+    answer_fn, device = load_answerer(model_dir, test_dir, settings.answer)
+    scenes, labels = load_test_scenes(test_dir, test_labels, settings.n_test, settings.test_seed)
     t0 = time.time()
-    m, reqs = run_benchmarks(scenes, answer_fn, args.seed, args.pope_k)
-    m["meta"] = {"model": os.path.abspath(args.model), "test_dir": os.path.abspath(args.test_dir),
-                 "test_labels": os.path.abspath(labels),
-                 "n_scenes": len(scenes), "test_seed": args.test_seed, "seed": args.seed, "pope_k": args.pope_k,
+    m, reqs = run_benchmarks(scenes, answer_fn, settings.seed, settings.pope_k)
+    m["meta"] = {"model": os.path.abspath(model_dir), "test_dir": os.path.abspath(test_dir),
+                 "test_labels": os.path.abspath(labels), "n_scenes": len(scenes), "test_seed": settings.test_seed,
+                 "seed": settings.seed, "pope_k": settings.pope_k,
                  "n_prompts": len({(r["image"], r["prompt"]) for r in reqs}), "seconds": time.time() - t0,
-                 "device": device, "dtype": args.dtype}  # fmt: skip
-    out = args.out or os.path.join(args.model, "metrics.json")
+                 "device": device, "dtype": settings.answer.dtype}
+    out = out or os.path.join(model_dir, "metrics.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # The answers first, metrics.json last: a run takes metrics.json's presence to mean "evaluated".
     atomic_write_text(os.path.join(os.path.dirname(os.path.abspath(out)), "eval_answers.jsonl"),
