@@ -1,10 +1,10 @@
-"""Reference-scoring pass (pairs/s): sena.refcache.score_pairs vs the plain pass it replaced.
+"""Reference-scoring pass (pairs/s): sena.refcache.reference_logps vs the plain pass it replaced.
 
     python -m benchmarks.bench_reference                  # 256 pairs (128 images), batch 16, 1 thread
 
   plain  per batch: every pair's image through CLIP, prompt+chosen and prompt+rejected as two rows, logits over the
          whole vocabulary at every position, then log-softmax (the released code's way, and ours before)
-  ours   score_pairs: each image of a batch encoded once, one shared-prefix row per pair, the last layer and the LM
+  ours   reference_logps: each image of a batch encoded once, one shared-prefix row per pair, the last layer and the LM
          head only where answer tokens are scored
 Both on the ~5M LLaVA with the tokenizer's 149-token vocabulary and again with Vicuna's 32064 (LM head weighs as in
 a real model); the two passes must agree to 1e-4.
@@ -20,7 +20,7 @@ import torch
 from benchmarks import common
 from sena.batch import load_pixels, plain_pair_batch, plain_pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained
-from sena.refcache import FIELDS, score_pairs
+from sena.refcache import FIELDS, reference_logps
 
 
 def parse_args(argv):
@@ -56,7 +56,7 @@ def main(argv=None):
         model, tok, image_cfg = load_pretrained(path)
         model.eval()
         V = model.config.text.vocab_size
-        fns = {"plain": plain_score, "ours": score_pairs}
+        fns = {"plain": plain_score, "ours": reference_logps}
         times, out = {k: [] for k in fns}, {}
         for _ in range(args.repeats):  # interleaved against load changes on the shared machine
             for name, fn in fns.items():

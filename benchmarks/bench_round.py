@@ -8,7 +8,7 @@ Each stage runs the project's own code on the benchmark's random ~5M LLaVA:
   vision     clean and noised features, once per image (sena.selfplay.encode_images)
   generate   the eight prompts per image through generate.run_prompts (sorted, batched, as generate.py runs them):
              ask, self-check, des/gen on clean and on noised features, two self-enhancement rewrites
-  reference  sena.refcache.score_pairs on the round's pairs (one des + one gen pair per image)
+  reference  sena.refcache.reference_logps on the round's pairs (one des + one gen pair per image)
   train      sena.trainer.train_round on those pairs (LoRA r=16, batch 16, 1 epoch)
 A random model writes no '?' so generate.main would keep no question; the stages are therefore fed fixed prompts and
 pairs of SENA's shape instead of the model's own text (same token counts, same code paths). Answers run to
@@ -28,7 +28,7 @@ from sena import prompts
 from sena.checkpoint import load_pretrained
 from sena.image import load_image, preprocess
 from sena.noise import add_diffusion_noise, noise_generator
-from sena.refcache import score_pairs
+from sena.refcache import reference_logps
 from sena.selfplay import Stages, encode_images, run_prompts
 from sena.settings import generation_settings, train_settings
 from sena.trainer import train_round
@@ -73,7 +73,7 @@ def one_round(model_dir, img_dir, n, args):
 
     pairs = common.pairs(n)
     t = time.perf_counter()
-    ref = score_pairs(model, tok, image_cfg, pairs, img_dir, 16)
+    ref = reference_logps(model, tok, image_cfg, pairs, img_dir, 16)
     secs["reference"] = time.perf_counter() - t
 
     train = train_settings(epochs=1, batch_size=16, micro_batch_size=16, device="cpu")

@@ -21,8 +21,7 @@ import torch
 from benchmarks import common
 from sena.image import default_image_cfg
 from sena.model import Llava
-from sena.world import build as B
-from sena.world import stage2 as S2
+from sena.world import build, stage2
 from sena.world.data import MixWindows, render_all
 from sena.world.encoder import autocast, cell_targets, pretrain_vision
 from sena.world.render import IMAGE_SIZE
@@ -48,8 +47,8 @@ def stage2_steps(model, images, batches, image_cfg, tr, bf16):
     t = time.perf_counter()
     for batch in batches:
         with autocast("cpu", bf16):
-            feats = S2.stage2_features(model, images, batch, image_cfg, gen, "cpu")
-            loss = S2.answer_loss(model, batch, image_features=feats)
+            feats = stage2.stage2_features(model, images, batch, image_cfg, gen, "cpu")
+            loss = stage2.answer_loss(model, batch, image_features=feats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, tr["clip"])
@@ -68,10 +67,10 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tr = B.TRAIN
+    tr = build.TRAIN
     tok = build_tokenizer()
     image_cfg = default_image_cfg(IMAGE_SIZE)
-    config = B.model_config(tok)
+    config = build.model_config(tok)
     scenes = sample_scenes(args.scenes, seed=random.Random(0).randrange(2**31), prefix="train")
     t = time.perf_counter()
     images = render_all(scenes)

@@ -7,7 +7,7 @@ Same ~5M LLaVA weights (our save_pretrained directory, which transformers loads)
 size and number of steps, LoRA r=16 α=32 on the language model's seven Linear kinds for both, fp32, no activation
 checkpointing, β=0.1. Every contender runs in its own subprocess, so its peak RSS is its own.
   ours           sena.trainer.train_round (train.py's loop as it is): shared-prefix forward, answer-only LM head, the
-                 reference read from the cache (sena.refcache.score_pairs, timed separately and added in "+ref")
+                 reference read from the cache (sena.refcache.reference_logps, timed separately and added in "+ref")
   ours-plain     the same loop with the duplicated chosen/rejected forward and full logits (sena.batch.plain_*)
   ours-lora-patch  ours with the LoRA scaling applied to the r-wide activation (a proposed sena/lora.py change)
   trl            DPOTrainer(peft_config=LoRA) from the same directory: recomputes the reference (adapters off) every
@@ -70,8 +70,7 @@ def child_ours(args, plain, lora_patch=False):
     import torch
 
     torch.set_num_threads(args.threads)
-    from sena import batch as B
-    from sena import refcache, trainer
+    from sena import batch, refcache, trainer
     from sena.lora import LoRALinear
 
     if lora_patch:
@@ -81,15 +80,15 @@ def child_ours(args, plain, lora_patch=False):
     from sena.settings import train_settings
 
     if plain:  # the duplicated layout everywhere: reference pass, live check and training steps
-        trainer.pair_batch, trainer.pair_logps = B.plain_pair_batch, B.plain_pair_logps
-        refcache.pair_batch, refcache.pair_logps = B.plain_pair_batch, B.plain_pair_logps
+        trainer.pair_batch, trainer.pair_logps = batch.plain_pair_batch, batch.plain_pair_logps
+        refcache.pair_batch, refcache.pair_logps = batch.plain_pair_batch, batch.plain_pair_logps
     import transformers  # noqa: F401  (load_pretrained reads the tokenizer through it: import outside the timing)
 
     model_dir, imgs, round_dir = setup(args)
     pairs, _ = read_jsonl(os.path.join(round_dir, "pairs.jsonl"))
     ref_model, tok, image_cfg = load_pretrained(model_dir)  # loading is not timed (TRL's is not either)
     t0 = time.perf_counter()
-    ref = refcache.score_pairs(ref_model, tok, image_cfg, pairs, imgs, args.batch_size)
+    ref = refcache.reference_logps(ref_model, tok, image_cfg, pairs, imgs, args.batch_size)
     del ref_model
     t_ref = time.perf_counter() - t0
     settings = train_settings(epochs=1, batch_size=args.batch_size, micro_batch_size=args.batch_size,

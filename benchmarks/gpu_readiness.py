@@ -11,7 +11,7 @@ SENA's real length: <s> + 35 system tokens + 576 image tokens + 15 request token
 pairs are descriptions (chosen 32, rejected 28 answer tokens), half short answers (4 and 3).
 
 Training step = train.py's: image features (frozen tower, no grad), shared-prefix pair_logps, DPO + ICA, backward,
-AdamW. Reference batch = refcache.score_pairs's forward (no grad). Model FLOPs per token, counted for MFU:
+AdamW. Reference batch = refcache.reference_logps's forward (no grad). Model FLOPs per token, counted for MFU:
 2·N_llm forward + 2·N_llm backward (activation gradients only: the base is frozen; LoRA's own FLOPs and attention
 are left out, so MFU is a lower bound), plus 2·N_vision per image patch forward. Recomputation under
 --checkpointing is not counted (that would be hardware FLOPs utilisation).

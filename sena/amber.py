@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from sena import metrics as M
+from sena import metrics
 from sena.benchfiles import LLAVA_SHORT_ANSWER, check_images, skipped_line, with_suffix
 from sena.cli import UserError
 from sena.io import atomic_write_text, load_json_list
@@ -160,9 +160,9 @@ def score_amber(responses_file, annotation_file, min_answered=0.95, asked=None):
     res = {}
     for row, parts in AMBER_ROWS.items():
         rs = [x for c in parts for x in lists[c][0]]
-        res[row] = M.amber_discriminative(rs, [t for c in parts for t in lists[c][1]])
-        res[row]["other"] = sum(M.amber_parse(x) == "other" for x in rs)  # neither exactly "Yes" nor "No"
-        res[row]["inference_py"] = M.amber_printed([M.amber_discriminative(*lists[c]) for c in parts],
+        res[row] = metrics.amber_discriminative(rs, [t for c in parts for t in lists[c][1]])
+        res[row]["other"] = sum(metrics.amber_parse(x) == "other" for x in rs)  # neither exactly "Yes" nor "No"
+        res[row]["inference_py"] = metrics.amber_printed([metrics.amber_discriminative(*lists[c]) for c in parts],
                                                    f1_eps=1e-3 if row == "existence" else 1e-4)  # fmt: skip
     dims = [d for d in AMBER_DIMENSIONS if d in touched]
     res.update(dimensions=dims, n_generative=n_generative, n_unmatched=n_unmatched, n_missing=n_missing,

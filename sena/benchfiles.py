@@ -25,7 +25,7 @@ import json
 import os
 import sys
 
-from sena import metrics as M
+from sena import metrics
 from sena.cli import UserError
 from sena.io import atomic_write_text, read_jsonl, safe_join
 
@@ -177,7 +177,7 @@ def score_pope_files(question_files, answer_files, min_answered=0.95, skipped_im
             raise UserError(f"--questions {qf} has no 'label' and --answers {af} has: the two files are "
                             "swapped (questions first, then answers)")
         base = os.path.basename(qf)
-        split = next((s for s in M.POPE_SPLITS if s in base), os.path.splitext(base)[0])
+        split = next((s for s in metrics.POPE_SPLITS if s in base), os.path.splitext(base)[0])
         split = split if split not in results else f"{split}_{len(results)}"
         where = f"split {split} ({base} / {os.path.basename(af)})"
         tq, ta = {}, {}
@@ -201,7 +201,8 @@ def score_pope_files(question_files, answer_files, min_answered=0.95, skipped_im
             raise UserError(f"{where}: {len(other)} answers were given to other questions (question_id "
                             f"{i!r}: {ans[i]['question']!r} vs {qs[i]['text']!r}); are the --answers files in the "
                             "order of --questions?")
-        m = M.pope_metrics([ans[i].get("answer", ans[i].get("text")) for i in ids], [qs[i]["label"] for i in ids])
+        answers = [ans[i].get("answer", ans[i].get("text")) for i in ids]
+        m = metrics.pope_metrics(answers, [qs[i]["label"] for i in ids])
         m.update(n_bad=bad_q + bad_a, n_duplicate=tq["repeated"] + ta["repeated"], n_missing=len(qs) - len(ids),
                  n_unmatched=n_unmatched)  # fmt: skip
         if m["n_bad"] or m["n_missing"] or m["n_unmatched"]:

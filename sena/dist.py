@@ -1,6 +1,6 @@
 """torch.distributed in a few visible functions: setup under torchrun, rank-0 work, gradient averaging, FSDP, shutdown.
 
-Launched by `torchrun --nproc_per_node N script.py ...`, a script calls setup() and gets (rank, world); launched
+Launched by `torchrun --nproc_per_node N script.py ...`, a script calls setup() and gets (rank, nproc); launched
 plainly it gets (0, 1) and every function here is a no-op, so single-process code paths stay untouched.
 
 Two kinds of data parallelism. LoRA: every rank holds the whole model and average_gradients() all-reduces the few
@@ -21,9 +21,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def setup():
-    """(rank, world size); joins the process group (gloo on CPU, nccl on CUDA) when torchrun started us."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """(rank, number of processes); joins the process group (gloo on CPU, nccl on CUDA) when torchrun started us."""
+    nproc = int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc == 1:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -56,12 +56,12 @@ def average_gradients(params):
     """
     if not dist.is_initialized():
         return
-    world = dist.get_world_size()
+    nproc = dist.get_world_size()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad /= world
+        p.grad /= nproc
 
 
 def shard_model(model, mixed_precision):

@@ -24,8 +24,8 @@ def cache_key(pairs_path, ref_model_dir, precision="float32"):
 
 
 @torch.no_grad()
-def score_pairs(model, tok, image_cfg, pairs, image_root, batch_size=16, device="cpu", autocast_dtype=None,
-                noise=None):
+def reference_logps(model, tok, image_cfg, pairs, image_root, batch_size=16, device="cpu", autocast_dtype=None,
+                    noise=None):
     """Summed and mean log-probs of every pair's chosen and rejected answer under `model`: dict of (N,) fp32.
 
     One shared-prefix forward per pair (sena.batch.pair_logps); the pairs of one image sit next to each other in

@@ -19,12 +19,13 @@ from sena import cli, dist, seeds, world
 from sena.checkpoint import load_pretrained, save_pretrained
 from sena.cli import UserError
 from sena.io import atomic_write_text, lock_dir, read_json, read_jsonl, read_lines, sha256_file
-from sena.refcache import cache_key, cache_problem, load_reference, save_reference, score_pairs
+from sena.refcache import cache_key, cache_problem, load_reference, reference_logps, save_reference
 from sena.report import write_report
 from sena.selfplay import generate_round, round_images, round_inputs
 from sena.settings import ImageSource, RunSettings, eval_settings, image_source
 from sena.telemetry import image_reliance, reference_preference, summary_line
 from sena.trainer import autocast_dtype, train_round, weight_dtype
+from sena.world.bench import score_pairs
 from sena.world.scorecard import compare, evaluate_model
 
 say = dist.say
@@ -51,7 +52,7 @@ def run_first(settings: RunSettings, k):
 
 def check_round_order(settings: RunSettings):
     """--iter k needs round k-1 finished (its meta.json): checked before θ0 is built or anything is loaded."""
-    k = settings.iter
+    k = settings.round
     if k and k > 1 and not round_done(settings.run_dir, k - 1):
         raise UserError(f"round {k} needs round {k - 1} finished "
                         f"({os.path.join(settings.run_dir, f'iter_{k - 1}', 'meta.json')} is missing); "
@@ -69,9 +70,9 @@ def git_commit():
 def round_source(settings: RunSettings, k, world_run) -> ImageSource:
     """Round k's images: a fresh world pool, or the k-th slice of --images-per-iter of the user's images."""
     if world_run:
-        return image_source(images=world_pool(settings.run_dir, k, settings.images_per_iter, settings.generation.seed))
+        return image_source(images=world_pool(settings.run_dir, k, settings.images_per_round, settings.generation.seed))
     return image_source(images=settings.images, image_list=settings.image_list, image_root=settings.image_root,
-                        offset=(k - 1) * settings.images_per_iter, num_images=settings.images_per_iter)
+                        offset=(k - 1) * settings.images_per_round, num_images=settings.images_per_round)
 
 
 def changed_inputs(report, settings: RunSettings, images, k, prev):
@@ -157,8 +158,8 @@ def run_round(settings: RunSettings, k, base, world_run):
     if dist.rank() == 0 and not os.path.exists(ref_path):
         ref_model, tok, image_cfg = load_pretrained(prev, dtype=weight_dtype(train), device=train.device,
                                                     need_tokenizer=True)
-        ref = score_pairs(ref_model, tok, image_cfg, pairs, image_root, train.micro_batch_size, train.device,
-                          autocast_dtype(train.device))
+        ref = reference_logps(ref_model, tok, image_cfg, pairs, image_root, train.micro_batch_size, train.device,
+                              autocast_dtype(train.device))
         round_telemetry(settings, k, round_dir, ref_model, tok, image_cfg, pairs, image_root, ref)  # before the
         save_reference(ref_path, ref, key)  # cache, whose presence means "done": a kill in between redoes both
         del ref_model
@@ -202,8 +203,8 @@ def round_telemetry(settings: RunSettings, k, round_dir, ref_model, tok, image_c
         n = min(len(pairs), settings.reliance_pairs)
         idx = sorted(seeds.rng(seed, "reliance", k).sample(range(len(pairs)), n))
         sub = [pairs[i] for i in idx]
-        noised = score_pairs(ref_model, tok, image_cfg, sub, image_root, train.micro_batch_size, train.device,
-                             autocast_dtype(train.device), noise=(noise_step, seed, k))
+        noised = reference_logps(ref_model, tok, image_cfg, sub, image_root, train.micro_batch_size, train.device,
+                                 autocast_dtype(train.device), noise=(noise_step, seed, k))
         tele["image_reliance"] = image_reliance({f: v[idx] for f, v in ref.items()}, noised, [types[i] for i in idx])
         tele["image_reliance_noise_step"] = noise_step
     atomic_write_text(os.path.join(round_dir, "telemetry.json"), json.dumps(tele, indent=2))
@@ -213,8 +214,6 @@ def round_telemetry(settings: RunSettings, k, round_dir, ref_model, tok, image_c
 def world_pair_scores(run_dir, k, round_dir, pairs):
     """World runs only: the round's pairs against the pool's scene records (sena.world.bench.score_pairs), to
     iter_k/pair_scores.json and one line. SENA never reads these labels; they measure what its data teaches."""
-    from sena.world.bench import score_pairs
-
     labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
     if not os.path.isfile(labels):
         return
@@ -257,7 +256,7 @@ def run(settings: RunSettings):
             else:
                 world.install_theta0(settings.run_dir, settings.theta0 or world.SHIPPED_THETA0)
         dist.barrier()
-    rounds = [settings.iter] if settings.iter else list(range(1, settings.n_iters + 1))
+    rounds = [settings.round] if settings.round else list(range(1, settings.n_rounds + 1))
     t0 = time.time()
     evaluate = world_run and not settings.no_eval and dist.rank() == 0
     if evaluate and not os.path.exists(os.path.join(base, "metrics.json")):

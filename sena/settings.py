@@ -109,15 +109,15 @@ class RunSettings:
     train are built from the same flags as the rest, --ablation's switches applied, so each round gets them whole."""
 
     run_dir: str
-    iter: int | None  # run only this round; None: rounds 1..n_iters
-    n_iters: int
+    round: int | None  # --iter: run only this round; None: rounds 1..n_rounds
+    n_rounds: int  # --n-iters
     base: str | None  # θ0 as a HF LLaVA directory; None: the embedded world's
     theta0: str | None
     rebuild_theta0: bool
     images: str | None
     image_list: str | None
     image_root: str | None
-    images_per_iter: int
+    images_per_round: int  # --images-per-iter
     ablation: str
     reliance_pairs: int
     no_eval: bool

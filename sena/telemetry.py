@@ -35,7 +35,7 @@ def reference_preference(ref, types):
 def image_reliance(clean, noised, types):
     """{group: {n, chosen, rejected}}: mean over pairs of mean-per-token log π(a | image) − log π(a | noised image),
     in nats per token. clean, noised: dicts of (n,) tensors scored by the same model on the same n pairs
-    (sena.refcache.score_pairs without and with noise); types: n strings."""
+    (sena.refcache.reference_logps without and with noise); types: n strings."""
     out = {}
     for name, m in _groups(types).items():
         if m.any():

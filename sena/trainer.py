@@ -117,7 +117,7 @@ def train_round(settings: TrainSettings, k, prev, round_dir, pairs, image_root, 
     os.makedirs(ckpt_dir, exist_ok=True)
     if os.path.exists(os.path.join(ckpt_dir, "latest.json")):
         start, bad_steps = load_checkpoint(ckpt_dir, model, opt)
-        say(f"iter {k}: resuming from {ckpt_dir} at step {start}")
+        say(f"round {k}: resuming from {ckpt_dir} at step {start}")
     log_path = os.path.join(round_dir, "log.jsonl")
     if rank == 0:
         kept = []
@@ -175,7 +175,7 @@ def train_round(settings: TrainSettings, k, prev, round_dir, pairs, image_root, 
             save_checkpoint(ckpt_dir, model, opt, step, bad_steps)
     if log:
         log.close()
-    say(f"iter {k}: {total - start} steps in {time.time() - t_start:.1f} s")
+    say(f"round {k}: {total - start} steps in {time.time() - t_start:.1f} s")
     if fsdp:
         model = dist.gather_model(model)  # θ(k) whole on rank 0's CPU, None on the other ranks
     elif not settings.full_ft:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import evaluate as E
+import evaluate
 from sena import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def fixture_responses():
 def refusal(argv):
     """The one line evaluate.py exits with (through cli.run, as on the command line)."""
     with pytest.raises(SystemExit) as e:
-        cli.run(E.main, argv)
+        cli.run(evaluate.main, argv)
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     return msg
@@ -65,7 +65,7 @@ def test_fixture_holds_every_record_type_of_the_real_annotation_file():
 
 
 def test_scores_equal_what_inference_py_prints(capsys):
-    res = E.main(["amber", "--responses", RESPONSES, "--annotations", ANNOTATIONS])
+    res = evaluate.main(["amber", "--responses", RESPONSES, "--annotations", ANNOTATIONS])
     out = capsys.readouterr().out
     got = {row: tuple(res[row]["inference_py"][k] for k in ("accuracy", "precision", "recall", "f1")) for row in ROWS}
     assert got == INFERENCE_PY
@@ -91,14 +91,14 @@ def test_refuses_files_that_would_mislead(tmp_path, capsys):
     copies = [{"id": 8635, "response": "No"}] * 200_000
     msg = refusal(argv + [responses_file(tmp_path, copies)])
     assert "1 of 4 discriminative questions (existence) have a response (25.0% < --min-answered 95%)" in msg
-    res = E.main(argv + [responses_file(tmp_path, copies), "--min-answered", "0"])
+    res = evaluate.main(argv + [responses_file(tmp_path, copies), "--min-answered", "0"])
     assert res["all"]["n"] == 1 and res["n_repeated"] == 199_999
     assert "199999 repeated ids" in capsys.readouterr().err
     # 20 of the 22 existence and attribute questions answered (no relation ones): refused at 95%, scored at 90%.
     some = [r for r in recs if r["id"] < 13557 and r["id"] not in (8633, 8634)]
     msg = refusal(argv + [responses_file(tmp_path, some)])
     assert "20 of 22 discriminative questions (existence, attribute) have a response (90.9%" in msg
-    res = E.main(argv + [responses_file(tmp_path, some), "--min-answered", "0.9"])
+    res = evaluate.main(argv + [responses_file(tmp_path, some), "--min-answered", "0.9"])
     assert (res["all"]["n"], res["n_missing"], res["relation"]["n"]) == (20, 2, 0)
     out, err = capsys.readouterr()
     assert "2 questions without a response" in err and "no responses: relation" in out
@@ -107,7 +107,7 @@ def test_refuses_files_that_would_mislead(tmp_path, capsys):
     msg = refusal(argv + [responses_file(tmp_path, twice)])
     assert "32 ids answered more than once with different responses (id 1:" in msg
     # Every id twice, the same way: scored once per id, and said.
-    res = E.main(argv + [responses_file(tmp_path, recs + recs)])
+    res = evaluate.main(argv + [responses_file(tmp_path, recs + recs)])
     assert res["all"]["n"] == 30 and res["n_repeated"] == 32 and res["all"]["inference_py"]["f1"] == 33.3
     assert "32 repeated ids" in capsys.readouterr().err
 
@@ -126,7 +126,7 @@ def test_queries_say_which_questions_a_file_should_answer(tmp_path, capsys):
     but with --queries naming all 30 yes/no questions, 4 of 30 is refused."""
     existence = [r for r in fixture_responses() if 8633 <= r["id"] <= 8636]
     argv = ["amber", "--annotations", ANNOTATIONS, "--responses", responses_file(tmp_path, existence)]
-    res = E.main(argv)
+    res = evaluate.main(argv)
     assert res["dimensions"] == ["existence"] and res["all"]["n"] == res["existence"]["n"] == 4
     assert "no responses: attribute, relation" in capsys.readouterr().out
     msg = refusal(argv + ["--queries", os.path.join(FIXTURES, "query.json")])

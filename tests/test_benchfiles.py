@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-import evaluate as E
-from sena import amber, tiny
-from sena import benchfiles as BF
+import evaluate
+from sena import amber, benchfiles, tiny
 from sena.benchfiles import score_pope_files
 from sena.cli import UserError
 from sena.world import bench
@@ -54,7 +53,7 @@ def test_pope_answers_written_in_the_official_format_and_scored(setup, prompts_s
         tmp_path / "coco_pope_adversarial.json",
         [q(1, "img_0.png", "star", "yes"), q(2, "img_2.png", "square", "yes"), q(3, "../model/config.json", "x", "no")],
     )
-    res = E.main(["pope", "--model", model, "--image-dir", imgs, "--questions", rnd, adv,
+    res = evaluate.main(["pope", "--model", model, "--image-dir", imgs, "--questions", rnd, adv,
                   "--out-dir", str(tmp_path / "out"), *MODEL_ARGS])  # fmt: skip
     out = capsys.readouterr().out
     ans = {s: [json.loads(x) for x in (tmp_path / "out" / f"coco_pope_{s}_answers.jsonl").read_text().splitlines()]
@@ -89,8 +88,8 @@ def test_pope_answers_written_in_the_official_format_and_scored(setup, prompts_s
 
 def test_pope_suffix_not_doubled_for_llava_question_files():
     text = "Is there a cat in the image?\nAnswer the question using a single word or phrase."
-    assert BF.with_suffix(text, BF.LLAVA_SHORT_ANSWER) == text
-    assert BF.with_suffix("Is there a cat in the image?", "") == "Is there a cat in the image?"
+    assert benchfiles.with_suffix(text, benchfiles.LLAVA_SHORT_ANSWER) == text
+    assert benchfiles.with_suffix("Is there a cat in the image?", "") == "Is there a cat in the image?"
 
 
 def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp_path):
@@ -108,7 +107,7 @@ def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp
                    {"id": 1007, "type": "discriminative-relation", "truth": "no"}]  # fmt: skip
     (tmp_path / "query_all.json").write_text(json.dumps(queries))
     (tmp_path / "annotations.json").write_text(json.dumps(annotations))
-    res = E.main(["amber", "--model", model, "--image-dir", imgs, "--queries", str(tmp_path / "query_all.json"),
+    res = evaluate.main(["amber", "--model", model, "--image-dir", imgs, "--queries", str(tmp_path / "query_all.json"),
                   "--annotations", str(tmp_path / "annotations.json"), "--out-dir", str(tmp_path / "out"),
                   *MODEL_ARGS])  # fmt: skip
     out, err = capsys.readouterr()
@@ -119,13 +118,13 @@ def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp
     assert "skipped 1 of 5 questions on 1 images: missing 1 (AMBER_2.jpg)" in out and "[5]: skipping query" in err
     by_id = {r["id"]: r for r in prompts_seen}
     assert by_id[1]["prompt"] == "Describe this image." and by_id[1]["task"] == "des"  # generative: as written
-    assert by_id[1005]["prompt"] == "Is there a star in this image?" + BF.LLAVA_SHORT_ANSWER
+    assert by_id[1005]["prompt"] == "Is there a star in this image?" + benchfiles.LLAVA_SHORT_ANSWER
     assert by_id[1005]["task"] == "amber"
     assert res["all"]["n"] == 3 and res["n_generative"] == 1 and res["n_unmatched"] == res["n_missing"] == 0
     assert (res["existence"]["n"], res["attribute"]["n"], res["relation"]["n"]) == (1, 1, 1)
     assert json.loads((tmp_path / "out" / "amber_metrics.json").read_text()) == res
     # Scoring the written file on its own gives the same numbers.
-    assert E.main(["amber", "--responses", str(tmp_path / "out" / "amber_responses.json"),
+    assert evaluate.main(["amber", "--responses", str(tmp_path / "out" / "amber_responses.json"),
                    "--annotations", str(tmp_path / "annotations.json")]) == res  # fmt: skip
 
 
@@ -162,8 +161,8 @@ def test_amber_discriminative_scores_by_hand(tmp_path, capsys):
 
 def test_subcommands_say_what_is_missing(tmp_path):
     with pytest.raises(SystemExit):
-        E.main(["pope", "--questions", "q.json"])  # neither answers nor a model
+        evaluate.main(["pope", "--questions", "q.json"])  # neither answers nor a model
     with pytest.raises(SystemExit):
-        E.main(["amber", "--queries", "q.json"])
+        evaluate.main(["amber", "--queries", "q.json"])
     with pytest.raises(UserError, match="image folder not found"):
-        BF.check_images(["a.jpg"], str(tmp_path / "nowhere"))
+        benchfiles.check_images(["a.jpg"], str(tmp_path / "nowhere"))

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import evaluate as E
-from sena import cli
-from sena import prompts as P
+import evaluate
+from sena import cli, prompts
 from sena.benchfiles import score_pope_files
 from sena.cli import UserError
 from sena.world import bench
@@ -45,7 +44,7 @@ def _official(question_file, answer_file):
 
 def test_pope_scorer_on_fixture_files(capsys):
     qs, ans = _fixture_paths()
-    res = E.main(["pope", "--questions", *qs, "--answers", *ans])
+    res = evaluate.main(["pope", "--questions", *qs, "--answers", *ans])
     out = capsys.readouterr().out
     # Counts pinned from this scorer and cross-checked against the literal official procedure.
     pinned = {"random": (1280, 87, 1413, 220), "popular": (1280, 156, 1344, 220), "adversarial": (1280, 274, 1226, 220)}
@@ -110,7 +109,7 @@ def _copy_answers(tmp_path, split, edit):
 def _refusal(argv):
     """The one line evaluate.py exits with (through cli.run, as on the command line)."""
     with pytest.raises(SystemExit) as e:
-        cli.run(E.main, argv)
+        cli.run(evaluate.main, argv)
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     return msg
@@ -120,7 +119,7 @@ def test_pope_files_that_would_mislead_are_refused_with_one_line(tmp_path, capsy
     """Ids removed, changed, duplicated, swapped files, an empty or missing file, splits out of order: each is
     counted and printed, or refused, never scored silently."""
     q, a = _copy_answers(tmp_path, "random", lambda r: r[:-30] + r[:5])  # 30 unanswered, 5 lines repeated
-    m = E.main(["pope", "--questions", q, "--answers", a])["random"]
+    m = evaluate.main(["pope", "--questions", q, "--answers", a])["random"]
     assert (m["n"], m["n_missing"], m["n_duplicate"], m["n_bad"], m["n_unmatched"]) == (2970, 30, 5, 5, 0)
     assert "left out of the metrics: 30 questions without an answer, 0 answers to no question, 5 repeated" in \
         capsys.readouterr().err
@@ -130,7 +129,7 @@ def test_pope_files_that_would_mislead_are_refused_with_one_line(tmp_path, capsy
     msg = _refusal(["pope", "--questions", q, "--answers", a])
     assert "1500 of 3000 questions have an answer (50.0% < --min-answered 95%)" in msg
     assert "1500 with a question_id of no question" in msg
-    m = E.main(["pope", "--questions", q, "--answers", a, "--min-answered", "0.5"])["random"]  # asked for: scored
+    m = evaluate.main(["pope", "--questions", q, "--answers", a, "--min-answered", "0.5"])["random"]  # asked: scored
     assert (m["n"], m["n_missing"], m["n_unmatched"]) == (1500, 1500, 1500) and round(100 * m["f1"], 2) == 92.09
     q, a = _copy_answers(tmp_path, "random", lambda r: [dict(x, question_id=x["question_id"] + 10**6) for x in r])
     assert "0 of 3000 questions have an answer" in _refusal(["pope", "--questions", q, "--answers", a])
@@ -217,7 +216,7 @@ def test_self_enhancement_correctness(rewrite, after):
 
     m, reqs = bench.run_benchmarks(SCENES, answer, seed=0, pope_k=3)
     improve = [r for r in reqs if r["task"] == "improve"]
-    assert len(improve) == len(SCENES) and all(r["prompt"].count(P.GEN_SUFFIX.strip()) == 1 for r in improve)
+    assert len(improve) == len(SCENES) and all(r["prompt"].count(prompts.GEN_SUFFIX.strip()) == 1 for r in improve)
     assert m["format"]["improve_before_correct"] == 1.0
     assert m["format"]["improve_after_correct"] == after
 
@@ -227,7 +226,7 @@ def test_compare_prints_deltas(tmp_path, capsys):
         m, _ = bench.run_benchmarks(SCENES, _answerer(short, describe))
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(m))
-    E.main(["--compare", str(tmp_path / "theta0"), str(tmp_path / "iter_1" / "metrics.json")])
+    evaluate.main(["--compare", str(tmp_path / "theta0"), str(tmp_path / "iter_1" / "metrics.json")])
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
     assert "theta0" in lines["metric"] and "iter_1" in lines["metric"]
     assert lines["pope_random_acc"].split()[1:] == ["50.00", "100.00", "(+50.00)"]
@@ -291,7 +290,7 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
     for sc in scenes:
         render(sc).save(test_dir / sc["image"])
     (tmp_path / "world_test_labels.jsonl").write_text("".join(json.dumps(sc) + "\n" for sc in scenes))
-    m = E.main(["--model", str(tmp_path / "model"), "--test-dir", str(test_dir), "--batch-size", "16",
+    m = evaluate.main(["--model", str(tmp_path / "model"), "--test-dir", str(test_dir), "--batch-size", "16",
                 "--max-new-tokens", "6", "--max-new-tokens-short", "3", "--device", "cpu"])  # fmt: skip
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert saved["meta"]["n_scenes"] == 4 and saved["pope"]["mean_f1"] == m["pope"]["mean_f1"]

@@ -75,7 +75,7 @@ def test_pool_made_under_other_settings_is_made_again(tmp_path):
     cli.run(train.main, argv + ["4"])
     assert sorted(os.listdir(pool)) == [f"pool1_00000{i}.png" for i in range(4)] and lines(labels) == 4
     assert json.loads((run / "iter_1" / "report.json").read_text())["images"] == 4
-    assert json.loads((run / "iter_1" / "meta.json").read_text())["args"]["images_per_iter"] == 4
+    assert json.loads((run / "iter_1" / "meta.json").read_text())["args"]["images_per_round"] == 4
     # What a kill inside a plain write would leave: every image there, the last one cut short, no labels.
     whole = {name: (pool / name).read_bytes() for name in os.listdir(pool)}
     records = labels.read_text()

@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate as E
-from sena import report as R
+import evaluate
 from sena.image import default_image_cfg
 from sena.noise import noise_generator
+from sena.report import build_report, curves_png, noised_rgb
 from sena.world import write_split
 from sena.world.bench import run_benchmarks
 from sena.world.language import describe
@@ -104,7 +104,7 @@ def make_run(root):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = make_run(str(tmp_path_factory.mktemp("report")))
-    E.main(["report", run])
+    evaluate.main(["report", run])
     return run
 
 
@@ -113,7 +113,7 @@ def test_report_is_self_contained_and_marks_answers(run_dir):
     assert not re.search(r"https?:", page) and not re.search(r"""(src|href)\s*=\s*["']?//""", page)
     assert "<script" not in page and "<link" not in page and "url(" not in page and "@import" not in page
     srcs = re.findall(r"<img\b[^>]*?\bsrc=\"([^\"]*)\"", page)
-    n_curves = 1 if R.curves_png([{"k": 1, "logs": [{"loss": 1.0}]}]) else 0
+    n_curves = 1 if curves_png([{"k": 1, "logs": [{"loss": 1.0}]}]) else 0
     assert len(srcs) == 2 * 2 * N_IMAGES + n_curves == page.count("<img")  # image + noised copy, per image, 2 rounds
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
@@ -145,14 +145,14 @@ def test_noised_copy_is_generates_image(run_dir):
     cfg = default_image_cfg(72)
     name = sorted(os.listdir(os.path.join(run_dir, "pool", "iter_2")))[0]
     path = os.path.join(run_dir, "pool", "iter_2", name)
-    got = np.asarray(R.noised_rgb(path, name, {"seed": 0, "round": 2, "noise_step": 600}, cfg), dtype=np.float64)
+    got = np.asarray(noised_rgb(path, name, {"seed": 0, "round": 2, "noise_step": 600}, cfg), dtype=np.float64)
     x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255  # (3, 72, 72)
     mean, std = np.array(cfg["image_mean"])[:, None, None], np.array(cfg["image_std"])[:, None, None]
     eps = torch.randn((3, 72, 72), generator=noise_generator(0, name, 2)).double().numpy()
     a = 0.539118
     want = np.clip((math.sqrt(a) * (x - mean) / std + math.sqrt(1 - a) * eps) * std + mean, 0, 1) * 255
     assert np.abs(got.transpose(2, 0, 1) - want).max() <= 1.0  # rounding to uint8 (+ fp32)
-    other = np.asarray(R.noised_rgb(path, name, {"seed": 0, "round": 3, "noise_step": 600}, cfg), dtype=np.float64)
+    other = np.asarray(noised_rgb(path, name, {"seed": 0, "round": 3, "noise_step": 600}, cfg), dtype=np.float64)
     assert np.abs(other - got).mean() > 20  # another round draws other noise
 
 
@@ -163,10 +163,10 @@ def test_report_shows_what_exists(tmp_path, monkeypatch):
     (d / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "type": "gen", "chosen": "red", "rejected": "blue",
                                                "prompt": "q?"}) + "\nnot json\n")  # fmt: skip
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if matplotlib were absent
-    page = R.build_report(str(tmp_path / "bare"))
+    page = build_report(str(tmp_path / "bare"))
     assert "image unavailable" in page and "no training logs" in page and "no metrics.json yet" in page
     assert "install matplotlib" in page and "<img" not in page and "stage / filter" in page
-    assert R.build_report(str(tmp_path / "missing")).count("<table>") == 1  # no rounds: an empty data table
+    assert build_report(str(tmp_path / "missing")).count("<table>") == 1  # no rounds: an empty data table
 
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)

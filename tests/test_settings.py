@@ -48,7 +48,7 @@ def test_every_flag_is_a_settings_field_of_its_name():
         return {f.name for cls in classes for f in dataclasses.fields(cls)}
 
     def dests(group):
-        return {flag.lstrip("-").replace("-", "_") for flag, _ in group}
+        return {kw.get("dest", flag.lstrip("-").replace("-", "_")) for flag, kw in group}
 
     composed = {"generation", "train", "argv", "record", "answer"}  # built from other fields, not flags
     train_fields = names(settings.RunSettings, settings.GenerationSettings, settings.TrainSettings) - composed

@@ -11,7 +11,7 @@ from sena.batch import pair_features
 from sena.checkpoint import load_pretrained
 from sena.image import load_image, preprocess
 from sena.noise import add_diffusion_noise, noise_generator, noised_image
-from sena.refcache import score_pairs
+from sena.refcache import reference_logps
 from sena.telemetry import image_reliance, reference_preference
 
 
@@ -65,14 +65,14 @@ def test_image_blind_model_relies_on_nothing(setup):
     model, tok, image_cfg = load_pretrained(base)
     rows = tiny.pairs(root / "r2", imgs, 4)
     noise = (999, 0, 1)
-    seeing = image_reliance(score_pairs(model, tok, image_cfg, rows, imgs),
-                            score_pairs(model, tok, image_cfg, rows, imgs, noise=noise), [r["type"] for r in rows])
+    seeing = image_reliance(reference_logps(model, tok, image_cfg, rows, imgs),
+                            reference_logps(model, tok, image_cfg, rows, imgs, noise=noise), [r["type"] for r in rows])
     assert abs(seeing["all"]["chosen"]) > 1e-4  # a random model's answers do depend on its image tokens
     with torch.no_grad():  # every image becomes the same features: the projector's last bias
         last = model.model.multi_modal_projector.linear_2
         last.weight.zero_()
-    blind = image_reliance(score_pairs(model, tok, image_cfg, rows, imgs),
-                           score_pairs(model, tok, image_cfg, rows, imgs, noise=noise), [r["type"] for r in rows])
+    blind = image_reliance(reference_logps(model, tok, image_cfg, rows, imgs),
+                           reference_logps(model, tok, image_cfg, rows, imgs, noise=noise), [r["type"] for r in rows])
     assert blind["all"]["chosen"] == 0.0 and blind["all"]["rejected"] == 0.0
 
 

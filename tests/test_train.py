@@ -14,7 +14,7 @@ from sena import tiny
 from sena.batch import pair_batch, pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained, save_pretrained
 from sena.cli import UserError
-from sena.refcache import cache_key, load_reference, save_reference, score_pairs
+from sena.refcache import cache_key, load_reference, reference_logps, save_reference
 from sena.schedule import lr_at
 
 
@@ -30,7 +30,7 @@ def test_cached_reference_equals_per_pair_forward(setup):
     root, base, imgs = setup
     rows = tiny.pairs(root / "r", imgs, 6)
     model, tok, image_cfg = load_pretrained(base)
-    cached = score_pairs(model, tok, image_cfg, rows, imgs, batch_size=5)  # padded batches of mixed lengths
+    cached = reference_logps(model, tok, image_cfg, rows, imgs, batch_size=5)  # padded batches of mixed lengths
     for i in (0, 3, 11):  # one pair at a time: no padding at all
         batch = pair_batch([tokenize_pair(tok, model.config, rows[i])], tok.pad_token_id)
         from sena.batch import load_pixels
@@ -79,7 +79,7 @@ def test_mismatched_reference_cache_is_refused(setup):
     model, tok, image_cfg = load_pretrained(base)
     from sena.refcache import save_reference
     save_reference(str(run / "iter_1" / "ref_logps.safetensors"),
-                   score_pairs(model, tok, image_cfg, rows, imgs), cache_key(str(pairs_path), base))
+                   reference_logps(model, tok, image_cfg, rows, imgs), cache_key(str(pairs_path), base))
     with pytest.raises(ValueError, match=r"key does not match \(the precision changed"):  # scored in another precision
         load_reference(str(run / "iter_1" / "ref_logps.safetensors"),
                        cache_key(str(pairs_path), base, "bfloat16+autocast"))
@@ -161,8 +161,8 @@ def test_reference_cache_key_follows_the_reference_weights(setup):
     assert cache_key(pairs_path, base) != cache_key(pairs_path, other)
     assert cache_key(pairs_path, base) == cache_key(pairs_path, str(copy))
     ref_model, _, _ = load_pretrained(base)
-    save_reference(str(run / "iter_1" / "ref_logps.safetensors"), score_pairs(ref_model, tok, image_cfg, rows, imgs),
-                   cache_key(pairs_path, base))
+    save_reference(str(run / "iter_1" / "ref_logps.safetensors"),
+                   reference_logps(ref_model, tok, image_cfg, rows, imgs), cache_key(pairs_path, base))
     with pytest.raises(ValueError, match=r"key does not match \(the reference weights changed since it was scored\)"):
         train.main(["--iter", "1", "--base", other, "--images", imgs, "--run-dir", str(run), "--no-eval"])
 
@@ -174,7 +174,7 @@ def test_step0_check_refuses_a_cache_that_differs_from_the_reference(setup):
     run = root / "run_check"
     rows = tiny.pairs(run / "iter_1", imgs, 2)
     model, tok, image_cfg = load_pretrained(base, need_tokenizer=True)
-    ref = score_pairs(model, tok, image_cfg, rows, imgs)
+    ref = reference_logps(model, tok, image_cfg, rows, imgs)
     ref["ref_chosen_logps"] += 0.01
     pairs_path = str(run / "iter_1" / "pairs.jsonl")
     save_reference(str(run / "iter_1" / "ref_logps.safetensors"), ref, cache_key(pairs_path, base))

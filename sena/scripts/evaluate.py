@@ -31,7 +31,7 @@ import os
 import sys
 
 from sena import amber, cli, flags
-from sena import benchfiles as BF
+from sena.benchfiles import answer_pope_files, print_pope_table, score_pope_files
 from sena.io import atomic_write_text
 from sena.settings import answer_settings, eval_settings
 from sena.world.bench import load_answerer
@@ -80,12 +80,12 @@ def pope_main(argv):
         if not (args.image_dir and args.out_dir):
             p.error("--model needs --image-dir and --out-dir")
         answer_fn = load_answerer(args.model, args.image_dir, answer_settings(args))[0]
-        answers, skipped = BF.answer_pope_files(args.questions, args.image_dir, args.out_dir, answer_fn, args.suffix)
+        answers, skipped = answer_pope_files(args.questions, args.image_dir, args.out_dir, answer_fn, args.suffix)
         out = out or os.path.join(args.out_dir, "pope_metrics.json")
     elif not answers:
         p.error("give --answers FILES to score, or --model DIR --image-dir IMGS --out-dir D to answer first")
-    results = BF.score_pope_files(args.questions, answers, args.min_answered, skipped or ())
-    BF.print_pope_table(results)
+    results = score_pope_files(args.questions, answers, args.min_answered, skipped or ())
+    print_pope_table(results)
     if out:
         atomic_write_text(out, json.dumps(results if skipped is None else {**results, "skipped_images": skipped},
                                           indent=2))
