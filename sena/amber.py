@@ -23,7 +23,7 @@ import sys
 from sena import metrics
 from sena.benchfiles import LLAVA_SHORT_ANSWER, check_images, skipped_line, with_suffix
 from sena.cli import UserError
-from sena.io import atomic_write_text, load_json_list
+from sena.io import atomic_write_text, read_json
 
 AMBER_GENERATIVE_QUERY = "Describe this image."
 # The counts AMBER's inference.py keeps per yes/no question type (any other type: relation), and the rows it prints.
@@ -37,7 +37,7 @@ AMBER_ROWS = {"all": ("all",), "existence": ("existence",), "attribute": ("state
 def read_json_list(path, required, what, shown=10):
     """Records of a JSON list whose fields `required` ({name: type}) have the right types; the rest are reported by
     index (the first `shown`, then their count), skipped and counted. Returns (records, n_bad)."""
-    data = load_json_list(path, what)
+    data = read_json(path, list, what)
     out, bad = [], 0
     for i, r in enumerate(data):
         wrong = [k for k, t in required.items() if not (isinstance(r, dict) and type(r.get(k)) in t)]

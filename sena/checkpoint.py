@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sena.cli import UserError
-from sena.io import save_tensors
+from sena.io import read_json, save_tensors
 from sena.model import Llava, ModelConfig
 
 # On-disk prefixes -> in-memory prefixes, first match wins. Covers legacy llava-hf (vision_tower.vision_model.*),
@@ -42,24 +42,6 @@ class ModelDirError(UserError):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _read_json(path):
-    """A model directory's JSON file as a dict; an unreadable, empty, invalid or non-object file is refused by name."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{path}: cannot be read ({e})") from None
-    if not text.strip():
-        raise ModelDirError(f"{path}: empty file")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path}: expected a JSON object, found a {type(data).__name__}")
-    return data
-
-
 def _open_safetensors(fpath):
     """safe_open, with a truncated or otherwise broken file named (an interrupted download or copy, usually)."""
     try:
@@ -79,7 +61,7 @@ def load_tokenizer(path, required=True):
         return None
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(path, name)):
-            _read_json(os.path.join(path, name))  # a broken JSON file is named, not reported as a tokenizer error
+            read_json(os.path.join(path, name))  # a broken JSON file is named, not reported as a tokenizer error
     from transformers import AutoTokenizer
 
     try:
@@ -106,7 +88,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", need_tokenizer=Fals
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ModelDirError(f"{path}: no config.json (not a Hugging Face LLaVA directory)")
-    hf_config = _read_json(cfg_path)
+    hf_config = read_json(cfg_path)
     try:
         config = ModelConfig.from_hf_dict(hf_config)
     except ValueError as e:  # a LLaVA variant this model does not implement; the message names the field
@@ -115,7 +97,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", need_tokenizer=Fals
         raise ModelDirError(f"{cfg_path}: a field is missing or of the wrong type ({type(e).__name__}: {e})") from None
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelDirError(f"{index}: no 'weight_map' of tensor names to shard files")
         files = sorted(set(weight_map.values()))
@@ -160,7 +142,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", need_tokenizer=Fals
     tok = load_tokenizer(path, required=need_tokenizer)
     pp = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(pp):
-        image_cfg = _read_json(pp)
+        image_cfg = read_json(pp)
     else:
         from sena.image import default_image_cfg
 

@@ -129,13 +129,29 @@ def read_lines(path):
         return f.read().splitlines()
 
 
-def read_json(path):
-    """A JSON file's content (utf-8); a damaged file is a UserError naming it."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e}); the file is damaged: delete it to make it again") from None
+JSON_TYPES = {dict: "object", list: "list"}
+
+
+def read_json(path, expect=dict, what="JSON"):
+    """The content of a JSON file (utf-8), whose top level must be an `expect` (dict, list; None: anything). A file
+    that is missing, unreadable, empty, not valid JSON or of another top level is a UserError naming the file and
+    what is wrong; `what` names the kind of file when it is missing ("image list file not found: ...")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if expect is not None and not isinstance(data, expect):
+        raise UserError(f"{path}: expected a JSON {JSON_TYPES[expect]}, found a {type(data).__name__}")
+    return data
 
 
 def read_jsonl(path, required=(), check=None, unique=None, tally=None, shown=10):
@@ -184,20 +200,6 @@ def safe_join(root, rel):
     return full
 
 
-def load_json_list(path, what) -> list:
-    """The JSON list in path; a missing file, invalid JSON or another top-level type is a UserError naming it."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of {what} records, got {type(data).__name__}")
-    return data
-
-
 def image_source(rel):
     """The source of an image-list path: its first folder ('coco/train2017/x.jpg' -> 'coco', 'gqa/images/y.jpg' ->
     'gqa'); a file directly under the root has the source '.'. LLaVA-665K's folders are its image sources (coco, gqa,
@@ -215,7 +217,7 @@ def read_image_list(image_list, per_source=None, seed=0, offset=0):
     `offset` are taken, so rounds that step `offset` by N get disjoint images from every source; the result is
     sorted. A path that lexically leaves the root ('../x', '/etc/x') is refused (ValueError).
     """
-    entries = load_json_list(image_list, "image list")
+    entries = read_json(image_list, list, "image list")
     rels, skipped = set(), 0
     for e in entries:
         if not (isinstance(e, dict) and isinstance(e.get("image"), str) and e["image"].strip()):

@@ -12,7 +12,6 @@ Curves are PNG plots when matplotlib is installed (requirements-report.txt); a t
 import base64
 import html
 import io
-import json
 import os
 import re
 import time
@@ -20,7 +19,8 @@ import time
 from PIL import Image
 
 from sena import seeds
-from sena.io import atomic_write_text, read_jsonl, safe_join
+from sena.cli import UserError
+from sena.io import atomic_write_text, read_json, read_jsonl, safe_join
 from sena.pairs import STAGE_COUNTS
 from sena.world.bench import LOWER_IS_BETTER, score_pairs, shown, summary
 
@@ -43,11 +43,10 @@ th{background:#f0f0f0}td.l,th.l{text-align:left}.up{color:#070}.down{color:#b00}
 
 
 def load_json(path):
-    """A JSON file's content, or None when it is missing or unreadable (the report shows what exists)."""
+    """A JSON object file's content, or None when it is missing or damaged (the report shows what exists)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except UserError:
         return None
 
 

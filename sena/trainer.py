@@ -20,7 +20,7 @@ from sena import dist, seeds
 from sena.batch import load_pixels, pair_batch, pair_logps, tokenize_pair
 from sena.checkpoint import load_pretrained
 from sena.cli import UserError
-from sena.io import atomic_write_text, read_jsonl, save_tensors
+from sena.io import atomic_write_text, read_json, read_jsonl, save_tensors
 from sena.lora import apply_lora, lora_disabled, merge_lora
 from sena.losses import dpo_loss, ica_loss, ica_reduce
 from sena.schedule import lr_at
@@ -211,8 +211,7 @@ def save_checkpoint(ckpt_dir, model, opt, step, bad_steps):
 
 def load_checkpoint(ckpt_dir, model, opt):
     """Restore the checkpoint latest.json names into the model and optimizer; returns (next step, bad steps)."""
-    with open(os.path.join(ckpt_dir, "latest.json")) as f:
-        state = json.load(f)
+    state = read_json(os.path.join(ckpt_dir, "latest.json"))
     path = os.path.join(ckpt_dir, state["dir"])
     flat = load_file(os.path.join(path, "optimizer.safetensors"))
     torch.set_rng_state(flat.pop("torch_rng"))

@@ -11,7 +11,7 @@ import os
 import shutil
 
 from sena.cli import UserError
-from sena.io import sha256_file
+from sena.io import read_json, sha256_file
 
 THETA0_FILES = ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "meta.json"]
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "theta0")
@@ -24,14 +24,10 @@ class Theta0Error(UserError):
 
 def read_meta(src) -> dict:
     path = os.path.join(src, "meta.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise Theta0Error(f"{path} is missing: {src} is not a θ0 directory made by sena.world.build") from None
-    except json.JSONDecodeError as e:
-        raise Theta0Error(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "files_sha256" not in meta:
+    if not os.path.isfile(path):
+        raise Theta0Error(f"{path} is missing: {src} is not a θ0 directory made by sena.world.build")
+    meta = read_json(path)  # a damaged one: a UserError naming it
+    if "files_sha256" not in meta:
         raise Theta0Error(f"{path} records no files_sha256: {src} is not a θ0 directory made by sena.world.build")
     return meta
 
@@ -62,8 +58,7 @@ def weights_hash(model) -> str:
 def is_complete(path) -> bool:
     if not all(os.path.isfile(os.path.join(path, f)) for f in THETA0_FILES):
         return False
-    with open(os.path.join(path, "meta.json")) as f:
-        return bool(json.load(f).get("complete"))
+    return bool(read_json(os.path.join(path, "meta.json")).get("complete"))
 
 
 class RecipeError(UserError):
@@ -74,8 +69,7 @@ def check_recipe(out, recipe):
     """Refuse a cached θ0 built with another recipe (seed, train, model, noise) than the one asked for: it would be
     reused silently and every number after it would belong to another θ0."""
     path = os.path.join(out, "meta.json")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = read_json(path)
     asked = json.loads(json.dumps(recipe))  # as meta.json holds it: tuples -> lists
     diffs = [f"seed {meta['seed']} (asked {asked['seed']})"] if meta.get("seed") != asked["seed"] else []
     for part in ("train", "model", "noise"):
