@@ -9,7 +9,7 @@ evaluate.py's subcommands (pope, amber, report) define their file arguments wher
 
 import argparse
 
-from sena import cli
+from sena import cli, noise
 
 
 def _default_device():
@@ -48,8 +48,9 @@ def round_flags():
                                         "image); 0: greedy like every other stage")),
         ("--keep-yes-no", dict(action="store_true",
                                help="keep pairs whose answer is exactly Yes or No (the released code drops them)")),
-        ("--noise-step", dict(type=cli.int_in(0, 999), default=600,
-                              help="diffusion step t of the rejected image, of the schedule's 1000 (0..999)")),
+        ("--noise-step", dict(type=cli.int_in(0, noise.STEPS - 1), default=noise.REJECTED_STEP,
+                              help=f"diffusion step t of the rejected image, of the schedule's {noise.STEPS} "
+                                   f"(0..{noise.STEPS - 1})")),
         ("--enhance-types", dict(choices=["des,gen", "gen"], default="des,gen", metavar="{des,gen | gen}",
                                  help="answers that self-enhancement rewrites: 'des,gen' both (paper), 'gen' the short "
                                       "answers only (descriptions stay raw)")),

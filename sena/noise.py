@@ -12,9 +12,14 @@ one seed per (run seed, image, round) with `noise_generator` so every run is rep
 
 import functools
 
-import torch
-
 from sena.seeds import derive
+
+# The forward process, written once: a STEPS-step sigmoid β schedule between BETA_START and BETA_END, and the step
+# of SENA's rejected image (the paper's t, --noise-step's default). torch is imported where it is used, so that
+# sena.flags can read these without it (evaluate.py's file scorers never load torch).
+STEPS = 1000
+BETA_START, BETA_END = 1e-5, 5e-3
+REJECTED_STEP = 600
 
 
 @functools.lru_cache(maxsize=4)
@@ -27,7 +32,7 @@ def _ddpm_scheduler(num_steps, beta_start, beta_end):
     )
 
 
-def sigmoid_schedule(num_steps=1000, beta_start=1e-5, beta_end=5e-3):
+def sigmoid_schedule(num_steps=STEPS, beta_start=BETA_START, beta_end=BETA_END):
     """ᾱ_t for t = 0..num_steps−1 of the sigmoid β schedule, from diffusers' DDPMScheduler. Returns (num_steps,) fp32.
 
     β_i = sigmoid(linspace(−6, 6, num_steps))_i · (beta_end − beta_start) + beta_start,   ᾱ_t = Π_{i≤t} (1 − β_i).
@@ -36,19 +41,21 @@ def sigmoid_schedule(num_steps=1000, beta_start=1e-5, beta_end=5e-3):
     return _ddpm_scheduler(num_steps, beta_start, beta_end).alphas_cumprod.detach().cpu().clone()
 
 
-def add_diffusion_noise(x0, t=600, noise=None, generator=None):
+def add_diffusion_noise(x0, t=REJECTED_STEP, noise=None, generator=None):
     """Noise x0 to diffusion step t:  x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε   (default schedule, see module docstring).
 
     x0: (..., C, H, W) or any shape, any float dtype and device (normalized pixel values).
-    t: int step in [0, 1000), or an int tensor (B,) with one step per leading-dim sample.
+    t: int step in [0, STEPS), or an int tensor (B,) with one step per leading-dim sample.
     noise: ε with x0's shape; if None, ε = randn(x0.shape, generator=generator) drawn in fp32 on the generator's
            device (CPU by default) and moved to x0's device, so the same generator gives the same ε on any device.
     returns: x_t with x0's shape, dtype and device (computed in fp32).
     """
+    import torch
+
     if noise is None:
         gen_device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32, device=gen_device)
-    scheduler = _ddpm_scheduler(1000, 1e-5, 5e-3)
+    scheduler = _ddpm_scheduler(STEPS, BETA_START, BETA_END)
     # diffusers' add_noise indexes ᾱ with the timestep, so it must be a tensor (a python int raises).
     timesteps = torch.as_tensor(t, dtype=torch.long)
     x_t = scheduler.add_noise(x0.float(), noise.to(device=x0.device, dtype=torch.float32), timesteps)
@@ -63,6 +70,8 @@ def noise_seed(seed, image_key, round):
 
 def noise_generator(seed, image_key, round, device="cpu"):
     """A torch.Generator seeded with noise_seed(seed, image_key, round): pass it to add_diffusion_noise."""
+    import torch
+
     return torch.Generator(device=device).manual_seed(noise_seed(seed, image_key, round))
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from sena import seeds
 from sena.cli import UserError
 from sena.io import atomic_write_text, read_json, read_jsonl, safe_join
+from sena.noise import REJECTED_STEP
 from sena.pairs import STAGE_COUNTS
 from sena.world.bench import LOWER_IS_BETTER, score_pairs, shown, summary
 
@@ -78,7 +79,8 @@ def noised_rgb(path, name, settings, image_cfg):
     from sena.noise import noised_image
 
     x = preprocess(load_image(path), image_cfg)
-    x_t = noised_image(x, settings.get("noise_step", 600), settings.get("seed", 0), name, settings.get("round", 1))
+    t = settings.get("noise_step", REJECTED_STEP)
+    x_t = noised_image(x, t, settings.get("seed", 0), name, settings.get("round", 1))
     mean = torch.tensor(image_cfg["image_mean"], dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(image_cfg["image_std"], dtype=torch.float32).view(3, 1, 1)
     rgb = (x_t.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # (3, S, S)
@@ -141,7 +143,8 @@ def gallery(run_dir, r, n_images):
                 figs += f'<figure><img src="{data_uri(im)}"><br>image</figure>'
             if cfg:
                 noised = noised_rgb(path, name, settings, cfg)
-                figs += f'<figure><img src="{data_uri(noised)}"><br>noised t={settings.get("noise_step", 600)}</figure>'
+                t = settings.get("noise_step", REJECTED_STEP)
+                figs += f'<figure><img src="{data_uri(noised)}"><br>noised t={t}</figure>'
         except (OSError, ValueError) as err:
             figs += f'<span class="muted">image unavailable: {e(err)}</span>'
         scored = [score_pairs([p], r["scenes"]) if r["scenes"] else None for p in ps]
