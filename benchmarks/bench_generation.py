@@ -51,7 +51,10 @@ def parse_args(argv):
 def stages(tok, cfg, n_images):
     """[(image index, prompt ids)] per stage; images n..2n-1 stand in for the noised copies."""
     rows = common.round_prompts(n_images)  # 5 per image: ask, check, des, gen, improve
-    enc = lambda u: encode_prompt(tok, u, cfg.n_image_tokens, cfg.image_token_index)  # noqa: E731
+
+    def enc(u):
+        return encode_prompt(tok, u, cfg.n_image_tokens, cfg.image_token_index)
+
     out = []
     for k in range(5):
         out.append([(i, enc(u)) for i, u in rows[k::5]])

@@ -163,7 +163,10 @@ def main(argv=None):
         for name in runs:
             runs[name].append(common.run_child("benchmarks.bench_train", flags + ["--child", name]))
             print(f"{name}: {runs[name][-1]}", flush=True)
-    med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
+
+    def med(name, key):
+        return statistics.median(r[key] for r in runs[name])
+
     pairs = args.batch_size * args.steps
     trl_rate = pairs / med("trl", "train_s")
     rows = []

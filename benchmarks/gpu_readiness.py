@@ -67,7 +67,10 @@ def config(tiny):
 
 def make_pairs(cfg, n, g):
     """n tokenized pairs of SENA's length: (prompt, chosen, rejected) id lists, des and gen alternating."""
-    words = lambda k: torch.randint(3, 32000, (k,), generator=g).tolist()  # noqa: E731
+
+    def words(k):
+        return torch.randint(3, 32000, (k,), generator=g).tolist()
+
     out = []
     for i in range(n):
         prompt = [1] + words(35) + [cfg.image_token_index] * cfg.n_image_tokens + words(15)

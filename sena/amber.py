@@ -28,10 +28,10 @@ from sena.io import atomic_write_text, read_json
 AMBER_GENERATIVE_QUERY = "Describe this image."
 # The counts AMBER's inference.py keeps per yes/no question type (any other type: relation), and the rows it prints.
 AMBER_COUNTS = {"discriminative-hallucination": "existence", "discriminative-attribute-state": "state",
-                "discriminative-attribute-number": "number", "discriminative-attribute-action": "action"}  # fmt: skip
+                "discriminative-attribute-number": "number", "discriminative-attribute-action": "action"}
 AMBER_DIMENSIONS = ("existence", "attribute", "relation")  # one query file each
 AMBER_ROWS = {"all": ("all",), "existence": ("existence",), "attribute": ("state", "number", "action"),
-              "state": ("state",), "number": ("number",), "action": ("action",), "relation": ("relation",)}  # fmt: skip
+              "state": ("state",), "number": ("number",), "action": ("action",), "relation": ("relation",)}
 
 
 def read_json_list(path, required, what, shown=10):
@@ -65,7 +65,7 @@ def answer_amber(query_file, image_dir, out_path, answer_fn, suffix=LLAVA_SHORT_
         if q["image"] in ok:
             gen = q["query"].strip() == AMBER_GENERATIVE_QUERY
             reqs.append({"task": "des" if gen else "amber", "image": ok[q["image"]], "id": q["id"],
-                         "prompt": q["query"] if gen else with_suffix(q["query"], suffix)})  # fmt: skip
+                         "prompt": q["query"] if gen else with_suffix(q["query"], suffix)})
     answer_fn(reqs)
     responses = sorted(({"id": r["id"], "response": r["answer"]} for r in reqs), key=lambda r: r["id"])
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -91,7 +91,7 @@ def read_amber_responses(path):
         i = clashes[0]["id"]
         n, again = len({r["id"] for r in clashes}), clashes[0]["response"]
         raise UserError(f"{path}: {n} ids answered more than once with different responses (id {i}: "
-                        f"{first[i]!r}, then {again!r}); keep one per id")  # fmt: skip
+                        f"{first[i]!r}, then {again!r}); keep one per id")
     return [{"id": i, "response": x} for i, x in first.items()], n_bad, n_repeated
 
 
@@ -132,14 +132,14 @@ def score_amber(responses_file, annotation_file, min_answered=0.95, asked=None):
             questions[a["id"]] = a
         else:  # inference.py would count any truth but "yes" as "no"; AMBER's file has none
             print(f"{annotation_file}: skipping annotation {a['id']} (truth {a.get('truth')!r} is not yes/no)",
-                  file=sys.stderr)  # fmt: skip
+                  file=sys.stderr)
     answered = {r["id"]: r["response"] for r in responses if r["id"] in questions}
     n_generative = sum(r["id"] in generative for r in responses)
     n_unmatched = len(responses) - len(answered) - n_generative
     if not answered:
         raise UserError(f"{responses_file}: no response answers a discriminative question of {annotation_file} "
                         f"({len(responses)} distinct ids: {n_generative} generative, {n_unmatched} of no annotated "
-                        "question)")  # fmt: skip
+                        "question)")
     dim = {i: amber_dimension(a["type"]) for i, a in questions.items()}
     touched = {dim[i] for i in answered}
     if asked is None:
@@ -151,7 +151,7 @@ def score_amber(responses_file, annotation_file, min_answered=0.95, asked=None):
         n, dims = len(expected) - n_missing, ", ".join(d for d in AMBER_DIMENSIONS if d in {dim[i] for i in expected})
         raise UserError(f"{responses_file}: {n} of {len(expected)} discriminative questions ({dims}) have "
                         f"a response ({100 * n / len(expected):.1f}% < --min-answered {100 * min_answered:g}%); "
-                        "a score over part of a dimension is not AMBER's")  # fmt: skip
+                        "a score over part of a dimension is not AMBER's")
     lists = {c: ([], []) for c in ("all", "existence", "state", "number", "action", "relation")}
     for i, text in answered.items():
         for c in ("all", amber_count(questions[i]["type"])):
@@ -163,31 +163,31 @@ def score_amber(responses_file, annotation_file, min_answered=0.95, asked=None):
         res[row] = metrics.amber_discriminative(rs, [t for c in parts for t in lists[c][1]])
         res[row]["other"] = sum(metrics.amber_parse(x) == "other" for x in rs)  # neither exactly "Yes" nor "No"
         res[row]["inference_py"] = metrics.amber_printed([metrics.amber_discriminative(*lists[c]) for c in parts],
-                                                   f1_eps=1e-3 if row == "existence" else 1e-4)  # fmt: skip
+                                                   f1_eps=1e-3 if row == "existence" else 1e-4)
     dims = [d for d in AMBER_DIMENSIONS if d in touched]
     res.update(dimensions=dims, n_generative=n_generative, n_unmatched=n_unmatched, n_missing=n_missing,
-               n_repeated=n_repeated, n_bad=n_bad)  # fmt: skip
+               n_repeated=n_repeated, n_bad=n_bad)
     if n_missing or n_unmatched or n_repeated or n_bad:
         print(f"{responses_file}: left out of the metrics: {n_missing} questions without a response, {n_unmatched} "
               f"responses to no annotated question, {n_repeated} repeated ids, {n_bad} malformed records",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
     return res
 
 
 def print_amber_table(res):
     cols = ("n", "accuracy", "precision", "recall", "f1", "other")
     print(f"{'AMBER disc.':<12}" + "".join(f"{c:>10}" for c in cols) + "   (as AMBER's inference.py prints them: "
-          '"No" positive, % rounded to 0.1)')  # fmt: skip
+          '"No" positive, % rounded to 0.1)')
     for row in AMBER_ROWS:
         m = res[row]
         name = f"  {row}" if row in ("state", "number", "action") else row
         print(f"{name:<12}{m['n']:>10d}" + "".join(f"{m['inference_py'][c]:>10.1f}" for c in cols[1:5])
-              + f"{m['other']:>10d}")  # fmt: skip
+              + f"{m['other']:>10d}")
     unanswered = [d for d in AMBER_DIMENSIONS if d not in res["dimensions"]]
     if unanswered:
         print(f"dimensions scored: {', '.join(res['dimensions'])}; no responses: {', '.join(unanswered)}")
     if res["all"]["other"]:
         print(f"{res['all']['other']} responses are neither exactly \"Yes\" nor \"No\" and count as wrong, as in "
-              "AMBER's inference.py (which neither strips spaces nor folds case)")  # fmt: skip
+              "AMBER's inference.py (which neither strips spaces nor folds case)")
     print(f"{res['n_generative']} generative responses not scored here (CHAIR/Cover/Hal/Cog need AMBER's word lists "
-          "and spaCy: run AMBER's inference.py --evaluation_type g on the responses file)")  # fmt: skip
+          "and spaCy: run AMBER's inference.py --evaluation_type g on the responses file)")

@@ -107,7 +107,10 @@ def answer_logps(lm_head, h, targets, logits_per_chunk=LOGITS_PER_CHUNK):
     rows = max(1, logits_per_chunk // lm_head.weight.shape[0])
     if h.shape[0] <= rows:
         return gather_logps(lm_head(h), targets)
-    f = lambda hc, tc: gather_logps(lm_head(hc), tc)  # noqa: E731
+
+    def f(hc, tc):
+        return gather_logps(lm_head(hc), tc)
+
     ckpt = torch.is_grad_enabled() and h.requires_grad
     return torch.cat([torch.utils.checkpoint.checkpoint(f, h[s : s + rows], targets[s : s + rows], use_reentrant=False)
                       if ckpt else f(h[s : s + rows], targets[s : s + rows]) for s in range(0, h.shape[0], rows)])

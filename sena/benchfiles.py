@@ -85,7 +85,7 @@ def read_pope_questions(path):
     for r in recs:
         if not (isinstance(r["image"], str) and isinstance(r["text"], str)) or r["question_id"] in seen:
             print(f"{path}: skipping question {r['question_id']!r} (repeated, or image/text not strings)",
-                  file=sys.stderr)  # fmt: skip
+                  file=sys.stderr)
             bad += 1
             continue
         seen.add(r["question_id"])
@@ -105,7 +105,7 @@ def answer_pope_files(question_files, image_dir, out_dir, answer_fn, suffix=LLAV
     files = [read_pope_questions(q)[0] for q in question_files]
     ok, bad = check_images([r["image"] for qs in files for r in qs], image_dir)
     reqs = [[{"task": "pope", "image": ok[r["image"]], "prompt": with_suffix(r["text"], suffix), "q": r}
-             for r in qs if r["image"] in ok] for qs in files]  # fmt: skip
+             for r in qs if r["image"] in ok] for qs in files]
     answer_fn([r for rs in reqs for r in rs])
     os.makedirs(out_dir, exist_ok=True)
     out = []
@@ -204,7 +204,7 @@ def score_pope_files(question_files, answer_files, min_answered=0.95, skipped_im
         answers = [ans[i].get("answer", ans[i].get("text")) for i in ids]
         m = metrics.pope_metrics(answers, [qs[i]["label"] for i in ids])
         m.update(n_bad=bad_q + bad_a, n_duplicate=tq["repeated"] + ta["repeated"], n_missing=len(qs) - len(ids),
-                 n_unmatched=n_unmatched)  # fmt: skip
+                 n_unmatched=n_unmatched)
         if m["n_bad"] or m["n_missing"] or m["n_unmatched"]:
             print(f"{where}: left out of the metrics: {m['n_missing']} questions without an answer, "
                   f"{m['n_unmatched']} answers to no question, {m['n_duplicate']} repeated question_ids, "

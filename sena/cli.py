@@ -53,9 +53,12 @@ def _bounds(lo, hi, lo_open, hi_open, what):
     """'an integer >= 1', 'a number > 0', 'a number from 0 to 1', ... for the refusal line."""
     if lo is not None and hi is not None and not (lo_open or hi_open):
         return f"{what} from {lo} to {hi}"
-    parts = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
-             f"{'<' if hi_open else '<='} {hi}" if hi is not None else ""]
-    return f"{what} " + " and ".join(p for p in parts if p)
+    parts = []
+    if lo is not None:
+        parts.append((">" if lo_open else ">=") + f" {lo}")
+    if hi is not None:
+        parts.append(("<" if hi_open else "<=") + f" {hi}")
+    return f"{what} " + " and ".join(parts)
 
 
 def int_in(lo=None, hi=None):

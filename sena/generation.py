@@ -83,8 +83,11 @@ def prefill_prefix(model, input_ids, image_features, P0, S, group, prefix_cache=
     dev = model.model.language_model.embed_tokens.weight.device
     reps = [group.index(g) for g in range(max(group) + 1)]  # first row of each prefix group
     pre = KVCache.new(model, len(reps), P0)
-    run = lambda ids, cache, feats=None: model.hidden_states(  # noqa: E731  (only the cache is wanted)
-        torch.tensor(ids, device=dev), image_features=feats, cache=cache, keep_from=len(ids[0]) - 1)
+
+    def run(ids, cache, feats=None):  # only the cache is wanted
+        return model.hidden_states(torch.tensor(ids, device=dev), image_features=feats, cache=cache,
+                                   keep_from=len(ids[0]) - 1)
+
     if S > 0:  # the common text
         key = ("text", tuple(input_ids[0][:S]))
         kv = None if prefix_cache is None else prefix_cache.get(key)

@@ -242,7 +242,7 @@ def read_image_list(image_list, per_source=None, seed=0, offset=0):
         chosen.sort()
     summary = (f"image list {image_list}: {len(entries)} records, {skipped} without an image skipped, "
                f"{len(rels)} distinct images; {'images' if per_source is None else 'taken/listed'} per source: "
-               + (", ".join(parts) or "none"))  # fmt: skip
+               + (", ".join(parts) or "none"))
     return chosen, summary
 
 

@@ -56,7 +56,7 @@ def binary_metrics(preds, labels, positive="yes"):
         "n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         "accuracy": correct / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1,
         "yes_ratio": sum(p == "yes" for p in preds) / n if n else 0.0,
-    }  # fmt: skip
+    }
 
 
 def pope_metrics(answers, labels):
@@ -113,7 +113,7 @@ def pope_sample(images, k, strategy, rng, template="Is there a {} in the image?"
         questions.append(
             {"question_id": len(questions) + 1, "image": image, "text": pope_question(obj, template),
              "label": label, "object": obj}
-        )  # fmt: skip
+        )
 
     for im in images:
         if len(im["objects"]) < k:
@@ -171,7 +171,7 @@ def chair(mentions, gt_objects):
         "chair_i": n_hall / n_mentions if n_mentions else 0.0, "chair_s": n_hall_caps / n if n else 0.0,
         "recall": n_covered / n_gt if n_gt else 0.0, "n_captions": n, "n_mentions": n_mentions,
         "n_hallucinated_mentions": n_hall, "n_hallucinated_captions": n_hall_caps,
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- AMBER
@@ -201,7 +201,7 @@ def amber_generative(mentions, gt_objects, prone_objects):
         "chair": c["chair_i"], "cover": c["recall"], "hal": c["chair_s"],
         "cog": n_prone_hit / n_prone if n_prone else 0.0,
         "cog_share_of_hallucinated": n_hall_mentions_prone / n_hall if n_hall else 0.0,
-    }  # fmt: skip
+    }
 
 
 def amber_parse(text):
@@ -249,7 +249,7 @@ def amber_printed(parts, f1_eps=1e-4):
     return {
         "accuracy": pct(lambda m: m["tp"] + m["tn"], lambda m: m["n"]), "precision": p, "recall": r,
         "f1": round(2 * (p / 100) * (r / 100) / ((p / 100) + (r / 100) + f1_eps) * 100, 1),
-    }  # fmt: skip
+    }
 
 
 def amber_score(chair_rate, f1):
@@ -313,7 +313,7 @@ def answer_correct(pred, gold, vocab=()):
 QUESTION_WORDS = {
     "is", "are", "was", "were", "do", "does", "did", "can", "could", "what", "which", "where", "how", "who",
     "whose", "why", "when", "whom", "has", "have", "will", "would", "should", "in", "on",
-}  # fmt: skip
+}
 
 
 def is_question(text):

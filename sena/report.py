@@ -28,7 +28,7 @@ from sena.world.bench import LOWER_IS_BETTER, score_pairs, shown, summary
 # Panels of the curve figure: title -> log.jsonl keys drawn in it (train.py writes the usual DPO keys).
 CURVES = (("loss", ("loss", "dpo", "ica")), ("reward margin", ("rewards/margins",)),
           ("reward accuracy", ("rewards/accuracies",)), ("rewards", ("rewards/chosen", "rewards/rejected")),
-          ("log-probs", ("logps/chosen", "logps/rejected")), ("grad norm", ("grad_norm",)))  # fmt: skip
+          ("log-probs", ("logps/chosen", "logps/rejected")), ("grad norm", ("grad_norm",)))
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222;background:#fff}
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;border-bottom:2px solid #ccc;margin-top:28px}h3{font-size:15px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
@@ -101,7 +101,10 @@ def mark(ok, right="right", wrong="wrong", tip=""):
 def load_round(run_dir, k):
     """Everything round k left on disk; missing pieces are None or empty."""
     d = os.path.join(run_dir, f"iter_{k}")
-    jsonl = lambda path, req=(): read_jsonl(path, required=req)[0] if os.path.exists(path) else []  # noqa: E731
+
+    def jsonl(path, req=()):
+        return read_jsonl(path, required=req)[0] if os.path.exists(path) else []
+
     pairs = jsonl(os.path.join(d, "pairs.jsonl"), ("image", "chosen", "rejected", "type"))
     logs = jsonl(os.path.join(d, "log.jsonl"))
     labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
@@ -184,7 +187,7 @@ def table(header, rows):
     """HTML table; the first column is left-aligned labels."""
     head = "".join(f'<th class="{"l" if i == 0 else ""}">{h}</th>' for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(row))
-                   + "</tr>" for row in rows)  # fmt: skip
+                   + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -200,7 +203,10 @@ def data_report(rounds):
     """Counts per stage and filter, rates, timings and (world) data-side correctness, one column per round."""
     reps = [r["report"] for r in rounds]
     filters = sorted({f for rep in reps for f in rep.get("filtered", {})})
-    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
     rows = [[s.replace("_", " "), *[fmt(rep.get(s)) for rep in reps]] for s in STAGE_COUNTS]
     rows += [[f"filtered: {f}", *[fmt(rep.get("filtered", {}).get(f)) for rep in reps]] for f in filters]
     rows += [[k, *[fmt(rep.get(k)) for rep in reps]] for k in ("pairs", "pairs_des", "pairs_gen")]
@@ -212,7 +218,7 @@ def data_report(rounds):
              ["pair acceptance", *[fmt(ratio(rep.get("pairs"), rep.get("candidate_pairs")), 1) for rep in reps]],
              ["mean words chosen", *[fmt(rep.get("mean_words_chosen")) for rep in reps]],
              ["mean words rejected", *[fmt(rep.get("mean_words_rejected")) for rep in reps]],
-             ["seconds (generation)", *[fmt(rep.get("seconds")) for rep in reps]]]  # fmt: skip
+             ["seconds (generation)", *[fmt(rep.get("seconds")) for rep in reps]]]
     for group in ("des", "gen"):  # sena/telemetry.py: label-free, from θ(k-1)
         pref = [r["telemetry"].get("reference_prefers_chosen", {}).get(group, {}) for r in rounds]
         rel = [r["telemetry"].get("image_reliance", {}).get(group, {}) for r in rounds]
@@ -338,14 +344,14 @@ def build_report(run_dir, n_images=6):
              f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} · commit {e(meta.get("git_commit") or "?")}'
              f"<br>{e(settings)}</p>", "<h2>Sampled preference pairs</h2>",
              '<p class="muted">Marks (world runs, from the scene labels): a question is answerable when the world '
-             "oracle answers it; a des answer is right when it names no absent shape.</p>"]  # fmt: skip
+             "oracle answers it; a des answer is right when it names no absent shape.</p>"]
     for r in rounds:
         parts.append(f"<h3>iter {r['k']} · {len(r['pairs'])} pairs"
                      f"{'' if r['scenes'] else ' · no labels'}</h3>{gallery(run_dir, r, n_images)}")
     parts.append(f"<h2>Data report</h2>{data_report(rounds)}")
     png = curves_png(rounds)
     parts.append("<h2>Training curves</h2>" + (f'<img class="curves" src="{png}">' if png else
-                 '<p class="muted">(install matplotlib for plots: requirements-report.txt)</p>'))  # fmt: skip
+                 '<p class="muted">(install matplotlib for plots: requirements-report.txt)</p>'))
     parts.append(curves_table(rounds))
     parts.append(f"<h2>Benchmarks: θ0 → round k</h2>{benchmarks(run_dir, rounds)}")
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>SENA report</title><style>{CSS}</style>'

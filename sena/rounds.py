@@ -46,8 +46,10 @@ def command_for(settings: RunSettings, j):
 def run_first(settings: RunSettings, k):
     """The command that makes the first missing round before round k, and what follows it."""
     first = next(j for j in range(1, k) if not round_done(settings.run_dir, j))
-    then = f" (then --iter {first + 1}{f' .. {k - 1}' if first + 1 < k - 1 else ''})" if first < k - 1 else ""
-    return command_for(settings, first) + then
+    if first == k - 1:
+        return command_for(settings, first)
+    after = f"{first + 1} .. {k - 1}" if first + 1 < k - 1 else f"{first + 1}"
+    return f"{command_for(settings, first)} (then --iter {after})"
 
 
 def check_round_order(settings: RunSettings):

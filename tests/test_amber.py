@@ -29,7 +29,7 @@ INFERENCE_PY = {
     "all": (20.0, 57.1, 23.5, 33.3), "existence": (25.0, 99.9, 25.0, 40.0), "attribute": (22.2, 50.0, 22.2, 30.7),
     "state": (33.3, 99.9, 33.3, 49.9), "number": (33.3, 50.0, 33.3, 40.0), "action": (0.0, 0.0, 0.0, 0.0),
     "relation": (12.5, 50.0, 25.0, 33.3),
-}  # fmt: skip
+}
 
 
 def responses_file(tmp_path, records, name="responses.json"):
@@ -60,7 +60,7 @@ def test_fixture_holds_every_record_type_of_the_real_annotation_file():
     assert {a["type"] for a in ann} == {
         "generative", "discriminative-hallucination", "discriminative-attribute-state",
         "discriminative-attribute-number", "discriminative-attribute-action", "discriminative-relation", "relation",
-    }  # fmt: skip
+    }
     assert {r["id"] for r in fixture_responses()} == {a["id"] for a in ann}
 
 
@@ -70,7 +70,7 @@ def test_scores_equal_what_inference_py_prints(capsys):
     got = {row: tuple(res[row]["inference_py"][k] for k in ("accuracy", "precision", "recall", "f1")) for row in ROWS}
     assert got == INFERENCE_PY
     assert {row: res[row]["n"] for row in ROWS} == {"all": 30, "existence": 4, "attribute": 18, "state": 6,
-                                                    "number": 6, "action": 6, "relation": 8}  # fmt: skip
+                                                    "number": 6, "action": 6, "relation": 8}
     assert (res["n_generative"], res["n_unmatched"], res["n_missing"]) == (2, 0, 0)
     # The table shows the same numbers, and how many responses AMBER counts wrong for their form alone.
     lines = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.split()}
@@ -115,7 +115,7 @@ def test_refuses_files_that_would_mislead(tmp_path, capsys):
 def test_refusal_from_the_command_line(tmp_path):
     """`python evaluate.py amber --responses EMPTY ...`: one line on stderr, exit status 1."""
     p = subprocess.run([sys.executable, "evaluate.py", "amber", "--responses", responses_file(tmp_path, []),
-                        "--annotations", ANNOTATIONS], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                        "--annotations", ANNOTATIONS], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
     assert "no response answers a discriminative question" in p.stderr

@@ -48,21 +48,21 @@ def test_pope_answers_written_in_the_official_format_and_scored(setup, prompts_s
 
     rnd = pope_file(tmp_path / "coco_pope_random.json", [
         q(1, "img_0.png", "star", "yes"), q(2, "img_0.png", "circle", "no"), q(3, "img_1.png", "star", "no"),
-        q(4, "img_9.png", "star", "yes"), q(5, "broken.png", "star", "no")])  # fmt: skip
+        q(4, "img_9.png", "star", "yes"), q(5, "broken.png", "star", "no")])
     adv = pope_file(
         tmp_path / "coco_pope_adversarial.json",
         [q(1, "img_0.png", "star", "yes"), q(2, "img_2.png", "square", "yes"), q(3, "../model/config.json", "x", "no")],
     )
     res = evaluate.main(["pope", "--model", model, "--image-dir", imgs, "--questions", rnd, adv,
-                  "--out-dir", str(tmp_path / "out"), *MODEL_ARGS])  # fmt: skip
+                  "--out-dir", str(tmp_path / "out"), *MODEL_ARGS])
     out = capsys.readouterr().out
     ans = {s: [json.loads(x) for x in (tmp_path / "out" / f"coco_pope_{s}_answers.jsonl").read_text().splitlines()]
-           for s in ("random", "adversarial")}  # fmt: skip
+           for s in ("random", "adversarial")}
     # POPE's/SeVa's answer lines exactly, in question order, only for questions whose image could be read.
     assert [a["question_id"] for a in ans["random"]] == [1, 2, 3]
     assert [a["question_id"] for a in ans["adversarial"]] == [1, 2]
     assert all(set(a) == {"question", "answer", "question_id"} and isinstance(a["answer"], str)
-               for rows in ans.values() for a in rows)  # fmt: skip
+               for rows in ans.values() for a in rows)
     assert ans["random"][0]["question"] == "Is there a star in the image?"
     assert ans["random"][0]["answer"] == ans["adversarial"][0]["answer"]  # same image and question: same answer
     # LLaVA-1.5's POPE prompt: the question, a newline, the short-answer instruction; the short token cap.
@@ -75,14 +75,14 @@ def test_pope_answers_written_in_the_official_format_and_scored(setup, prompts_s
     assert (res["random"]["n"], res["random"]["n_missing"], res["random"]["n_bad"]) == (3, 2, 0)
     assert (res["adversarial"]["n"], res["adversarial"]["n_missing"]) == (2, 1)
     assert res == score_pope_files([rnd, adv], [str(tmp_path / "out" / f"coco_pope_{s}_answers.jsonl")
-                                                  for s in ("random", "adversarial")], min_answered=0.5)  # fmt: skip
+                                                  for s in ("random", "adversarial")], min_answered=0.5)
     assert (
         "skipped 3 of 8 questions on 3 images: missing 1 (img_9.png); outside the image folder 1 "
         "(../model/config.json); unreadable 1 (broken.png)"
     ) in out
     saved = json.loads((tmp_path / "out" / "pope_metrics.json").read_text())
     assert saved["skipped_images"] == {"img_9.png": "missing", "broken.png": "unreadable",
-                                       "../model/config.json": "outside the image folder"}  # fmt: skip
+                                       "../model/config.json": "outside the image folder"}
     assert "mean F1" in out
 
 
@@ -99,17 +99,17 @@ def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp
                {"id": 1006, "image": "img_1.png", "query": "Is the star red in this image?"},
                {"id": 1005, "image": "img_0.png", "query": "Is there a star in this image?"},
                {"id": 1007, "image": "img_1.png", "query": "Is the star at the top left in this image?"},
-               {"id": "x", "image": "img_1.png"}]  # fmt: skip
+               {"id": "x", "image": "img_1.png"}]
     annotations = [{"id": 1, "type": "generative", "truth": ["star"], "hallu": ["dog"]},
                    {"id": 2, "type": "generative", "truth": ["circle"], "hallu": []},
                    {"id": 1005, "type": "discriminative-hallucination", "truth": "no"},
                    {"id": 1006, "type": "discriminative-attribute-state", "truth": "yes"},
-                   {"id": 1007, "type": "discriminative-relation", "truth": "no"}]  # fmt: skip
+                   {"id": 1007, "type": "discriminative-relation", "truth": "no"}]
     (tmp_path / "query_all.json").write_text(json.dumps(queries))
     (tmp_path / "annotations.json").write_text(json.dumps(annotations))
     res = evaluate.main(["amber", "--model", model, "--image-dir", imgs, "--queries", str(tmp_path / "query_all.json"),
                   "--annotations", str(tmp_path / "annotations.json"), "--out-dir", str(tmp_path / "out"),
-                  *MODEL_ARGS])  # fmt: skip
+                  *MODEL_ARGS])
     out, err = capsys.readouterr()
     responses = json.loads((tmp_path / "out" / "amber_responses.json").read_text())
     # AMBER's inference.py format: a JSON list of {"id", "response"}, by id; AMBER_2.jpg is missing, "x" malformed.
@@ -125,7 +125,7 @@ def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp
     assert json.loads((tmp_path / "out" / "amber_metrics.json").read_text()) == res
     # Scoring the written file on its own gives the same numbers.
     assert evaluate.main(["amber", "--responses", str(tmp_path / "out" / "amber_responses.json"),
-                   "--annotations", str(tmp_path / "annotations.json")]) == res  # fmt: skip
+                   "--annotations", str(tmp_path / "annotations.json")]) == res
 
 
 def test_amber_discriminative_scores_by_hand(tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_amber_discriminative_scores_by_hand(tmp_path, capsys):
                    {"id": 1005, "type": "discriminative-hallucination", "truth": "no"},
                    {"id": 1006, "type": "discriminative-attribute-number", "truth": "yes"},
                    {"id": 1007, "type": "discriminative-relation", "truth": "no"},
-                   {"id": 1008, "type": "relation", "truth": "yes"}]  # fmt: skip
+                   {"id": 1008, "type": "relation", "truth": "yes"}]
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     responses = [
         {"id": 1, "response": "A dog."},

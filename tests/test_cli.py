@@ -98,8 +98,11 @@ def dirs(tmp_path_factory):
 
 def test_bad_flags_are_refused_at_parse_time_with_one_line(dirs, capsys):
     m, d, o = dirs
+
+    def fill(s):
+        return s.format(m=m, d=d, o=o)
+
     for script, flags, expected in BAD_FLAGS:
-        fill = lambda s: s.format(m=m, d=d, o=o)  # noqa: E731
         argv = base_argv(script, m, d, o) + [fill(f) for f in flags.split()]
         with pytest.raises(SystemExit) as e:
             cli.run(MAINS[script], argv)

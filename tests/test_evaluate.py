@@ -236,7 +236,7 @@ def test_compare_prints_deltas(tmp_path, capsys):
 def test_score_pairs_hand_case():
     scene = {"image": "s1.png", "objects": [
         {"shape": "circle", "color": "red", "size": "small", "pos": "top left", "row": 0, "col": 0},
-        {"shape": "star", "color": "blue", "size": "large", "pos": "center", "row": 1, "col": 1}]}  # fmt: skip
+        {"shape": "star", "color": "blue", "size": "large", "pos": "center", "row": 1, "col": 1}]}
     star_q = "Is there a star in the image?"
     pairs = [
         {"type": "gen", "image": "pool/s1.png", "question_raw": "What color is the square?",
@@ -253,7 +253,7 @@ def test_score_pairs_hand_case():
         {"type": "gen", "image": "s1.png", "question_raw": "What color is the star?",
          "question": "What color is the star?", "chosen": "red and blue", "rejected": "blue"},
         {"type": "gen", "image": "other.png", "question_raw": "x?", "question": "x?", "chosen": "a", "rejected": "b"},
-    ]  # fmt: skip
+    ]
     d = bench.score_pairs(pairs, {"s1.png": scene})
     assert d["n_pairs"] == 7 and d["n_missing_scene"] == 1 and d["n_questions"] == 4
     assert d["question_raw_answerable"] == pytest.approx(3 / 4)  # the square question is not answerable
@@ -282,7 +282,7 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
                         num_attention_heads=2, num_key_value_heads=1),
         image_token_index=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+    )
     save_pretrained(Llava(cfg), str(tmp_path / "model"), tokenizer=tok, image_cfg=default_image_cfg(24))
     test_dir = tmp_path / "world_test"
     test_dir.mkdir()
@@ -291,7 +291,7 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
         render(sc).save(test_dir / sc["image"])
     (tmp_path / "world_test_labels.jsonl").write_text("".join(json.dumps(sc) + "\n" for sc in scenes))
     m = evaluate.main(["--model", str(tmp_path / "model"), "--test-dir", str(test_dir), "--batch-size", "16",
-                "--max-new-tokens", "6", "--max-new-tokens-short", "3", "--device", "cpu"])  # fmt: skip
+                "--max-new-tokens", "6", "--max-new-tokens-short", "3", "--device", "cpu"])
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert saved["meta"]["n_scenes"] == 4 and saved["pope"]["mean_f1"] == m["pope"]["mean_f1"]
     # rates; des_words counts words

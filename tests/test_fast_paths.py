@@ -134,7 +134,10 @@ def uncached_greedy(model, prompt, feats, n, eos):
 def test_generation_shared_prefix_and_compaction_equal_plain():
     model = tiny_model(seed=4)  # tests/test_generation.py's: unit-gain weights, 16 image tokens
     g = torch.Generator().manual_seed(4)
-    words = lambda n: torch.randint(3, IMG, (n,), generator=g).tolist()  # noqa: E731
+
+    def words(n):
+        return torch.randint(3, IMG, (n,), generator=g).tolist()
+
     system = [1] + words(6)  # the text every prompt starts with
     ids = [system + [IMG] * N_IMG + words(n) for n in (3, 7, 1, 4, 4, 9)]
     feats = model.encode_images(torch.randn(3, 3, 32, 32, generator=g)).detach()[[0, 0, 1, 2, 2, 2]]

@@ -27,7 +27,10 @@ def tiny_model(seed=0):
 def prompts(seed=0):
     """Three prompts of lengths 22, 27 and 6; the first two have an image, the last is text-only."""
     g = torch.Generator().manual_seed(seed)
-    words = lambda n: torch.randint(3, IMG, (n,), generator=g).tolist()  # noqa: E731
+
+    def words(n):
+        return torch.randint(3, IMG, (n,), generator=g).tolist()
+
     return [[1] + [IMG] * N_IMG + words(5), [1] + words(3) + [IMG] * N_IMG + words(7), [1] + words(5)]
 
 
@@ -109,7 +112,10 @@ def test_sample_next_nucleus_and_temperature():
 def test_sampled_generation_is_reproducible_and_varies():
     model = tiny_model(seed=3)
     ps = prompts(seed=3)[2:] * 4
-    run = lambda seed: generate(model, ps, max_new_tokens=6, eos_token_id=-1, do_sample=True,  # noqa: E731
-                                temperature=1.5, generator=torch.Generator().manual_seed(seed))
+
+    def run(seed):
+        return generate(model, ps, max_new_tokens=6, eos_token_id=-1, do_sample=True, temperature=1.5,
+                        generator=torch.Generator().manual_seed(seed))
+
     a = run(0)
     assert a == run(0) and len({tuple(x) for x in a}) > 1  # same seed same text; rows differ from each other

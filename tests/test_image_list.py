@@ -20,7 +20,7 @@ RECORDS = (
     + [{"id": f"v{i}", "image": f"vg/VG_100K/{i}.jpg"} for i in range(6)]
     + [{"id": "text-only-1", "conversations": [{"from": "human", "value": "hi"}]},
        {"id": "text-only-2", "image": None, "conversations": []}]
-)  # fmt: skip
+)
 SIZES = {"coco": 5, "gqa": 3, "ocr_vqa": 2, "textvqa": 4, "vg": 6}
 
 
@@ -88,7 +88,7 @@ def test_generate_per_source_reads_the_sampled_images(tmp_path, capsys):
     want, _ = read_image_list(path, per_source=1, seed=3)
     report = generate.main(["--model", tiny.model_dir(tmp_path / "m"), "--image-list", path, "--image-root",
                             str(tmp_path / "data"), "--per-source", "1", "--seed", "3", "--out", str(tmp_path / "out"),
-                            "--max-new-tokens", "4"])  # fmt: skip
+                            "--max-new-tokens", "4"])
     assert report["images"] == 5 and report["settings"]["per_source"] == 1
     assert "taken/listed per source: coco 1/5, gqa 1/3, ocr_vqa 1/2, textvqa 1/4, vg 1/6" in capsys.readouterr().out
     with open(tmp_path / "out" / "stages" / "ask.jsonl") as f:

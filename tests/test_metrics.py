@@ -102,11 +102,11 @@ def test_amber_printed_rounds_counts_that_start_at_0001():
     # 3.003: 99.9 again; F1 = 100·2·0.999²/(1.998 + 0.0001) = 99.895 -> 99.9.
     one = {"n": 1, "tp": 1, "fp": 0, "fn": 0, "tn": 0}
     assert amber_printed([one]) == amber_printed([one] * 3) == {"accuracy": 99.9, "precision": 99.9,
-                                                                 "recall": 99.9, "f1": 99.9}  # fmt: skip
+                                                                 "recall": 99.9, "f1": 99.9}
     # No "No" said and no "no" truth: precision, recall and F1 are 0 (0/0.001) where a plain division would fail;
     # two right "Yes"s: accuracy 100·2/2.001 = 99.950 -> 100.0.
     assert amber_printed([{"n": 2, "tp": 0, "fp": 0, "fn": 0, "tn": 2}]) == {"accuracy": 100.0, "precision": 0.0,
-                                                                            "recall": 0.0, "f1": 0.0}  # fmt: skip
+                                                                            "recall": 0.0, "f1": 0.0}
 
 
 def test_chair_counts_every_mention():
@@ -192,11 +192,11 @@ def test_pope_popular_hand():
     assert [(q["image"], q["object"]) for q in qs if q["label"] == "yes"] == [
         ("A", "cat"), ("A", "dog"), ("B", "cat"), ("B", "dog"),
         ("C", "cat"), ("C", "fish"), ("D", "dog"), ("D", "bird"),
-    ]  # fmt: skip
+    ]
     assert _negatives(qs) == [
         ("A", "bird"), ("A", "fish"), ("B", "fish"), ("B", "cow"),
         ("C", "dog"), ("C", "bird"), ("D", "cat"), ("D", "fish"),
-    ]  # fmt: skip
+    ]
     assert qs[0]["text"] == "Is there a cat in the image?"
 
 

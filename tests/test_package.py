@@ -23,7 +23,7 @@ def wheel(tmp_path_factory):
     skip = (".git", "runs", "build", "dist", "*.egg-info", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache")
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*skip))  # the repository less what .gitignore lists
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--wheel-dir", str(d / "dist"), str(src)], check=True, capture_output=True)  # fmt: skip
+                    "--wheel-dir", str(d / "dist"), str(src)], check=True, capture_output=True)
     (path,) = (d / "dist").glob("*.whl")
     return path
 
@@ -36,7 +36,7 @@ def test_wheel_installs_only_the_sena_package(wheel):
     assert {"sena/scripts/train.py", "sena/scripts/evaluate.py", "sena/world/theta0/model.safetensors"} <= set(names)
     for script, module in [("sena-train", "sena.scripts.train"), ("sena-evaluate", "sena.scripts.evaluate"),
                            ("sena-generate", "sena.scripts.generate"), ("sena-build-theta0", "sena.world.build")]:
-        assert f"{script} = {module}:cli_main" in entry_points  # fmt: skip
+        assert f"{script} = {module}:cli_main" in entry_points
 
 
 def test_console_scripts_work_beside_other_packages_named_evaluate_train_generate(wheel, tmp_path):
@@ -45,7 +45,7 @@ def test_console_scripts_work_beside_other_packages_named_evaluate_train_generat
     'cli_main' from 'evaluate'`)."""
     site, others = tmp_path / "site", tmp_path / "others"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True)  # fmt: skip
+                    str(wheel)], check=True, capture_output=True)
     (others / "evaluate").mkdir(parents=True)
     (others / "evaluate" / "__init__.py").write_text('"""Not ours: stands in for Hugging Face\'s evaluate."""\n')
     for name in ("train", "generate"):
@@ -53,9 +53,9 @@ def test_console_scripts_work_beside_other_packages_named_evaluate_train_generat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(others), str(site)]), "OMP_NUM_THREADS": "1"}
     fixture = os.path.join(ROOT, "tests", "fixtures", "amber")
     runs = [[s, "--help"] for s in SCRIPTS] + [["sena-evaluate", "amber", "--responses", f"{fixture}/responses.json",
-                                                 "--annotations", f"{fixture}/annotations.json"]]  # fmt: skip
+                                                 "--annotations", f"{fixture}/annotations.json"]]
     procs = [subprocess.Popen([str(site / "bin" / argv[0]), *argv[1:]], cwd=tmp_path, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in runs]  # fmt: skip
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in runs]
     for argv, proc in zip(runs, procs):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (argv, err)

@@ -36,7 +36,7 @@ def _answerer(good):
     def answer(reqs):
         for r in reqs:
             r["answer"] = {"ask": "How many objects are there?", "self_check": "QUESTION: How many objects are there?",
-                           "improve": "Improved Answer: red"}.get(r["task"], r["gold"] if good else "Yes")  # fmt: skip
+                           "improve": "Improved Answer: red"}.get(r["task"], r["gold"] if good else "Yes")
             r["answer"] = r["answer"] or "Yes"
 
     return answer
@@ -51,9 +51,9 @@ def _pairs(scenes):
         wrong = next(c for c in COLORS if c != o["color"])
         q = f"What color is the {o['shape']}?"
         common = {"image": sc["image"], "question_raw": "What is in the image?", "question": q,
-                  "description": describe(sc)}  # fmt: skip
+                  "description": describe(sc)}
         out.append(common | {"type": "gen", "prompt": q + " Answer briefly.", "chosen_raw": f"It is {o['color']}.",
-                             "chosen": o["color"], "rejected": wrong, "se_accepted": True})  # fmt: skip
+                             "chosen": o["color"], "rejected": wrong, "se_accepted": True})
         out.append(common | {"type": "des", "prompt": "Describe the image.", "chosen_raw": describe(sc),
                              "chosen": describe(sc), "rejected": f"There is a {absent}.", "se_accepted": False})
     return out
@@ -91,13 +91,13 @@ def make_run(root):
             f.write(json.dumps({"iter": 1, "step": s, "loss": 0.7 - 0.1 * s, "dpo": 0.69 - 0.1 * s, "ica": 0.01,
                                 "rewards/margins": 0.1 * s, "rewards/accuracies": min(1.0, 0.5 + 0.1 * s),
                                 "rewards/chosen": 0.05 * s, "rewards/rejected": -0.05 * s, "logps/chosen": -10 + s,
-                                "logps/rejected": -12 - s, "grad_norm": 1.0}) + "\n")  # fmt: skip
+                                "logps/rejected": -12 - s, "grad_norm": 1.0}) + "\n")
     with open(os.path.join(run, "iter_1", "telemetry.json"), "w") as f:  # as train.py writes it (round 1 only)
         json.dump({"reference_prefers_chosen": {"des": {"n": 4, "summed": 0.75, "per_token": 0.5}},
                    "image_reliance": {"des": {"n": 4, "chosen": 0.25, "rejected": -0.125}}}, f)
     with open(os.path.join(run, "iter_1", "meta.json"), "w") as f:
         json.dump({"round": 1, "args": {"beta": 0.1, "seed": 0}, "git_commit": "abc123", "reference": theta0,
-                   "seconds": {"reference": 1.0, "train": 2.0, "eval": 3.0}}, f)  # fmt: skip
+                   "seconds": {"reference": 1.0, "train": 2.0, "eval": 3.0}}, f)
     return run
 
 
@@ -136,7 +136,7 @@ def test_report_is_self_contained_and_marks_answers(run_dir):
     # Benchmarks: θ0 answers 'Yes' to all, round 1 the gold: POPE accuracy 50 → 100 (+50.00), round 2 missing.
     row = re.search(r"pope_random_acc</td>(.*?)</tr>", page).group(1)
     assert re.findall(r"<td[^>]*>(.*?)</td>", row) == ["50.00", '100.00 <span class="up">(+50.00)</span>',
-                                                       '<span class="muted">—</span>']  # fmt: skip
+                                                       '<span class="muted">—</span>']
 
 
 def test_noised_copy_is_generates_image(run_dir):
@@ -161,7 +161,7 @@ def test_report_shows_what_exists(tmp_path, monkeypatch):
     d = tmp_path / "bare" / "iter_1"
     d.mkdir(parents=True)
     (d / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "type": "gen", "chosen": "red", "rejected": "blue",
-                                               "prompt": "q?"}) + "\nnot json\n")  # fmt: skip
+                                               "prompt": "q?"}) + "\nnot json\n")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if matplotlib were absent
     page = build_report(str(tmp_path / "bare"))
     assert "image unavailable" in page and "no training logs" in page and "no metrics.json yet" in page
@@ -178,7 +178,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-           "file://" + os.path.abspath(os.path.join(run_dir, "report.html"))]  # fmt: skip
+           "file://" + os.path.abspath(os.path.join(run_dir, "report.html"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
     img = np.asarray(Image.open(shot).convert("RGB")).astype(np.int64)

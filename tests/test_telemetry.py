@@ -28,7 +28,9 @@ def test_reference_preference_by_hand():
 
 
 def test_image_reliance_by_hand():
-    f = lambda c, r: {"ref_chosen_mean_logps": torch.tensor(c), "ref_rejected_mean_logps": torch.tensor(r)}  # noqa
+    def f(c, r):
+        return {"ref_chosen_mean_logps": torch.tensor(c), "ref_rejected_mean_logps": torch.tensor(r)}
+
     clean, noised = f([-1.0, -2.0, -0.5], [-3.0, -1.0, -2.0]), f([-2.0, -2.5, -1.5], [-3.0, -1.5, -1.0])
     out = image_reliance(clean, noised, ["des", "des", "gen"])
     # chosen: 1.0, 0.5, 1.0; rejected: 0.0, 0.5, -1.0

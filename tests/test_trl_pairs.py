@@ -37,9 +37,9 @@ def round_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("trl")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(selfplay, "run_prompts", lambda model, tok, feats, users, args, stage, keys, **kw: [
-            SCRIPT[stage] for _ in keys])  # fmt: skip
+            SCRIPT[stage] for _ in keys])
         report = generate.main(["--model", tiny.model_dir(d / "m"), "--images", tiny.images(d / "pool", 3),
-                                "--out", str(d / "round")])  # fmt: skip
+                                "--out", str(d / "round")])
     assert report["pairs"] == 6  # 3 images x (des, gen), none filtered
     return d
 
@@ -72,7 +72,7 @@ def test_trl_vision_collator_builds_our_exact_sequences(round_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     # num_additional_image_tokens=1 with the 'default' strategy: <image> expands to 16 tokens, as our encode_prompt.
     proc = LlavaProcessor.from_pretrained(model_dir, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
-                                          vision_feature_select_strategy="default", image_token="<image>")  # fmt: skip
+                                          vision_feature_select_strategy="default", image_token="<image>")
     ds = datasets.load_dataset("json", data_files=str(round_dir / "round" / "pairs.jsonl"), split="train")
     root = json.loads((round_dir / "round" / "report.json").read_text())["image_root"]
     raw = [dict(r) for r in ds]
@@ -81,7 +81,7 @@ def test_trl_vision_collator_builds_our_exact_sequences(round_dir):
     trl_ds = ds.map(lambda e: {"images": [os.path.join(root, p) for p in e["images"]],
                                "prompt": tok.bos_token + prompt_text(e["prompt"]),
                                "chosen": " " + e["chosen"] + tok.eos_token,
-                               "rejected": " " + e["rejected"] + tok.eos_token}).remove_columns("image")  # fmt: skip
+                               "rejected": " " + e["rejected"] + tok.eos_token}).remove_columns("image")
     batch = DataCollatorForVisionPreference(processor=proc)([dict(r) for r in trl_ds])
     B = len(raw)
     cfg = json.loads((round_dir / "m" / "preprocessor_config.json").read_text())

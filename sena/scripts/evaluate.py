@@ -62,11 +62,11 @@ def pope_main(argv):
                    "or answer the question files with --model first. Answers are parsed by LLaVA's eval_pope.py rule; "
                    "unlike eval_pope.py, which zips the two files line by line, answers are paired with questions by "
                    "question_id, labels are compared lower-cased, a repeated question_id counts once, and a split "
-                   "with fewer than --min-answered of its questions answered is refused.")  # fmt: skip
+                   "with fewer than --min-answered of its questions answered is refused.")
     p.add_argument("--questions", nargs="+", required=True, help="POPE question files (JSON lines), one per split")
     p.add_argument("--answers", nargs="+", help="answer files (JSON lines), same order as --questions")
     p.add_argument("--out", default=None, help="JSON file for the per-split metrics (with --model: "
-                   "<out-dir>/pope_metrics.json)")  # fmt: skip
+                   "<out-dir>/pope_metrics.json)")
     p.add_argument("--min-answered", type=cli.fraction, default=0.95,
                    help="refuse to score a split where fewer of the questions have an answer (a fraction; "
                         "questions on images --model could not read aside)")
@@ -95,13 +95,13 @@ def pope_main(argv):
 def amber_main(argv):
     p = cli.Parser(prog="evaluate.py amber", description=AMBER_HELP)
     p.add_argument("--queries", help="AMBER query file (data/query/query_all.json or a part of it): the questions "
-                   "--model answers; with --responses, the questions the file should answer")  # fmt: skip
+                   "--model answers; with --responses, the questions the file should answer")
     p.add_argument("--responses", help="score this responses file instead of answering (needs --annotations)")
     p.add_argument("--annotations", help="AMBER's data/annotations.json: score the discriminative responses")
     p.add_argument("--min-answered", type=cli.fraction, default=0.95,
                    help="refuse to score when fewer of the expected yes/no questions have a response (a fraction; "
                         "expected: those in --queries, else every question of each dimension the responses answer; "
-                        "questions on images --model could not read aside)")  # fmt: skip
+                        "questions on images --model could not read aside)")
     flags.add(p, flags.answering_flags())
     args = p.parse_args(argv)
     asked = None
