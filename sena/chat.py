@@ -46,7 +46,10 @@ def build_example(tokenizer, user, answer, n_image_tokens, image_token_id, with_
 
 
 def collate(examples, pad_token_id):
-    """Right-pad a list of (input_ids, labels) into tensors: input_ids, attention_mask, labels, all (B, T)."""
+    """Right-pad a list of (input_ids, labels) into tensors: input_ids, attention_mask, labels, all (B, T).
+
+    Library API for plain supervised batches; the scripts do not call it (the θ0 build packs several examples behind
+    one shared prefix instead, sena.world.data, and tests check the packing against this layout)."""
     T = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), T), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)

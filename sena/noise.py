@@ -37,6 +37,7 @@ def sigmoid_schedule(num_steps=STEPS, beta_start=BETA_START, beta_end=BETA_END):
 
     β_i = sigmoid(linspace(−6, 6, num_steps))_i · (beta_end − beta_start) + beta_start,   ᾱ_t = Π_{i≤t} (1 − β_i).
     The scheduler is built once per setting and cached; a copy is returned so callers cannot alter the cache.
+    Library API, for plots and checks: add_diffusion_noise reads the same ᾱ_t through the scheduler itself.
     """
     return _ddpm_scheduler(num_steps, beta_start, beta_end).alphas_cumprod.detach().cpu().clone()
 
