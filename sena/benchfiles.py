@@ -18,7 +18,7 @@ exact responses "Yes" and "No"). SENA's own gen prompts join the same suffix wit
 Images are checked once before any decoding: a path that leaves the image folder, a missing file or an unreadable
 image is skipped with its questions, counted, and named in one summary line, so a run never stops halfway.
 The model is a callable answer_fn(requests) that sets r["answer"] on dicts with image (a path), prompt and task
-(sena.world.bench.answer_requests), so everything here runs without a model in the tests.
+(the world's answer_requests, through load_answerer), so everything here runs without a model in the tests.
 """
 
 import json

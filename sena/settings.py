@@ -127,7 +127,7 @@ class RunSettings:
     record: tuple[tuple[str, object], ...]  # every flag's value and argv, (name, value): meta.json's "args"
 
 
-def build(cls, group, ns=None, **given):
+def from_flags(cls, group, ns=None, **given):
     """A cls from parsed flags `ns` (any script's namespace: a field takes the value of its flag's name), the flags'
     defaults in `group` filling what ns lacks; `given` sets fields by name (a round's, a test's or a benchmark's)."""
     names = [f.name for f in fields(cls)]
@@ -140,28 +140,28 @@ def build(cls, group, ns=None, **given):
 
 def generation_settings(ns=None, **given) -> GenerationSettings:
     """From generate.py's flags, or their defaults."""
-    return build(GenerationSettings, flags.generate_flags(), ns, **given)
+    return from_flags(GenerationSettings, flags.generate_flags(), ns, **given)
 
 
 def image_source(ns=None, **given) -> ImageSource:
     """From generate.py's flags, or their defaults."""
-    return build(ImageSource, flags.generate_flags(), ns, **given)
+    return from_flags(ImageSource, flags.generate_flags(), ns, **given)
 
 
 def train_settings(ns=None, **given) -> TrainSettings:
     """From train.py's flags, or their defaults (as they are: run_settings applies --ablation)."""
-    return build(TrainSettings, flags.train_flags(), ns, **given)
+    return from_flags(TrainSettings, flags.train_flags(), ns, **given)
 
 
 def answer_settings(ns=None, **given) -> AnswerSettings:
     """From evaluate.py pope's or amber's flags, or their defaults."""
-    return build(AnswerSettings, flags.answering_flags(), ns, **given)
+    return from_flags(AnswerSettings, flags.answering_flags(), ns, **given)
 
 
 def eval_settings(ns=None, **given) -> EvalSettings:
     """From evaluate.py --model's flags, or their defaults (the test split and token caps a run evaluates with)."""
-    answer = build(AnswerSettings, flags.world_eval_flags(), ns)
-    return build(EvalSettings, flags.world_eval_flags(), ns, **({"answer": answer} | given))
+    answer = from_flags(AnswerSettings, flags.world_eval_flags(), ns)
+    return from_flags(EvalSettings, flags.world_eval_flags(), ns, **({"answer": answer} | given))
 
 
 def micro_batches(batch_size, micro_batch_size, nproc) -> int:
@@ -188,8 +188,10 @@ def run_settings(ns, argv=()) -> RunSettings:
             raise UserError("--base needs --images DIR or --image-list JSON")
     micro_batches(ns.batch_size, ns.micro_batch_size, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's count
     self_check, enhance, ica = flags.ABLATIONS[ns.ablation]
-    generation = build(GenerationSettings, flags.generate_flags(), ns, batch_size=ns.gen_batch_size,
-                       self_check=ns.self_check if self_check == "image" else self_check, no_enhance=not enhance)
+    # Each round's generation takes every round flag as parsed, --gen-batch-size as its batch and generate.py's
+    # defaults for the rest: nothing is forwarded field by field, so no flag can be left behind.
+    generation = from_flags(GenerationSettings, flags.generate_flags(), ns, batch_size=ns.gen_batch_size,
+                            self_check=ns.self_check if self_check == "image" else self_check, no_enhance=not enhance)
     train = train_settings(ns, ica_weight=ns.ica_weight if ica else 0.0)
-    return build(RunSettings, flags.train_flags(), ns, generation=generation, train=train, argv=tuple(argv),
-                 record=tuple((vars(ns) | {"argv": tuple(argv)}).items()))
+    return from_flags(RunSettings, flags.train_flags(), ns, generation=generation, train=train, argv=tuple(argv),
+                      record=tuple((vars(ns) | {"argv": tuple(argv)}).items()))
