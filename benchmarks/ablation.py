@@ -18,7 +18,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from sena.world.bench import LOWER_IS_BETTER, shown, summary
+from sena.world.evaluation import LOWER_IS_BETTER, shown, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ one of five counts (existence, attribute state / number / action, and relation f
 689 records typed plain "relation"); a response is right only when it is exactly "Yes" or "No" as its truth says;
 "No" is the positive class; every count starts at 0.001 and each rate is printed in percent, rounded to 0.1, with F1
 from the rounded precision and recall (metrics.amber_printed). The differences are listed in `score_amber`.
-Prompts: AMBER's yes/no queries get LLaVA-1.5's short-answer suffix (sena.benchfiles), its generative query is asked
+Prompts: AMBER's yes/no queries get LLaVA-1.5's short-answer suffix (sena.pope), its generative query is asked
 as written.
 """
 
@@ -21,9 +21,9 @@ import os
 import sys
 
 from sena import metrics
-from sena.benchfiles import LLAVA_SHORT_ANSWER, check_images, skipped_line, with_suffix
 from sena.cli import UserError
 from sena.io import atomic_write_text, read_json
+from sena.pope import LLAVA_SHORT_ANSWER, check_images, skipped_line, with_suffix
 
 AMBER_GENERATIVE_QUERY = "Describe this image."
 # The counts AMBER's inference.py keeps per yes/no question type (any other type: relation), and the rows it prints.

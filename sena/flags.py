@@ -174,7 +174,7 @@ def world_eval_flags():
 
 def answering_flags():
     """evaluate.py pope/amber --model's flags: a model answers an official benchmark's questions on its images."""
-    from sena.benchfiles import LLAVA_SHORT_ANSWER
+    from sena.pope import LLAVA_SHORT_ANSWER
 
     return [
         ("--model", dict(help="Hugging Face LLaVA directory that answers the questions")),

@@ -23,7 +23,7 @@ from sena.cli import UserError
 from sena.io import atomic_write_text, read_json, read_jsonl, safe_join
 from sena.noise import REJECTED_STEP
 from sena.pairs import STAGE_COUNTS
-from sena.world.bench import LOWER_IS_BETTER, score_pairs, shown, summary
+from sena.world.evaluation import LOWER_IS_BETTER, score_pairs, shown, summary
 
 # Panels of the curve figure: title -> log.jsonl keys drawn in it (train.py writes the usual DPO keys).
 CURVES = (("loss", ("loss", "dpo", "ica")), ("reward margin", ("rewards/margins",)),

@@ -25,7 +25,7 @@ from sena.selfplay import generate_round, round_images, round_inputs
 from sena.settings import ImageSource, RunSettings, eval_settings, image_source
 from sena.telemetry import image_reliance, reference_preference, summary_line
 from sena.trainer import autocast_dtype, train_round, weight_dtype
-from sena.world.bench import score_pairs
+from sena.world.evaluation import score_pairs
 from sena.world.scorecard import compare, evaluate_model
 
 say = dist.say
@@ -214,7 +214,7 @@ def round_telemetry(settings: RunSettings, k, round_dir, ref_model, tok, image_c
 
 
 def world_pair_scores(run_dir, k, round_dir, pairs):
-    """World runs only: the round's pairs against the pool's scene records (sena.world.bench.score_pairs), to
+    """World runs only: the round's pairs against the pool's scene records (sena.world.evaluation.score_pairs), to
     iter_k/pair_scores.json and one line. SENA never reads these labels; they measure what its data teaches."""
     labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
     if not os.path.isfile(labels):

@@ -82,7 +82,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class AnswerSettings:
-    """How a model answers benchmark prompts: greedy, batched, two token caps (sena.world.bench.load_answerer)."""
+    """How a model answers benchmark prompts: greedy, batched, two token caps (sena.world.evaluation.load_answerer)."""
 
     batch_size: int
     max_new_tokens: int  # descriptions and SENA's own prompts

@@ -9,9 +9,9 @@ import pytest
 
 import evaluate
 from sena import cli, prompts
-from sena.benchfiles import score_pope_files
 from sena.cli import UserError
-from sena.world import bench
+from sena.pope import score_pope_files
+from sena.world import evaluation
 from sena.world.language import describe, oracle_answer
 from sena.world.scenes import absent_buddies, sample_scenes
 
@@ -176,8 +176,8 @@ def _hallucinated_description(sc):
 
 
 def test_world_benchmarks_perfect_answerer():
-    m, reqs = bench.run_benchmarks(SCENES, _answerer(_perfect_short, describe), seed=0, pope_k=3)
-    s = bench.summary(m)
+    m, reqs = evaluation.run_benchmarks(SCENES, _answerer(_perfect_short, describe), seed=0, pope_k=3)
+    s = evaluation.summary(m)
     for key in ("pope_random_acc", "pope_adversarial_f1", "chair_recall", "amber_cover", "amber_f1_all", "amber_score",
                 "vqa_overall", "fmt_ask_question", "fmt_self_check", "fmt_improve", "des_exact"):
         assert s[key] == 1.0, key
@@ -189,7 +189,8 @@ def test_world_benchmarks_perfect_answerer():
 
 
 def test_world_benchmarks_yes_sayer_and_hallucinating_describer():
-    m, _ = bench.run_benchmarks(SCENES, _answerer(lambda sc, r: "Yes", _hallucinated_description), seed=0, pope_k=3)
+    yes_sayer = _answerer(lambda sc, r: "Yes", _hallucinated_description)
+    m, _ = evaluation.run_benchmarks(SCENES, yes_sayer, seed=0, pope_k=3)
     for split in SPLITS:
         p = m["pope"][split]
         assert (p["yes_ratio"], p["recall"], p["precision"], p["accuracy"]) == (1.0, 1.0, 0.5, 0.5)
@@ -214,7 +215,7 @@ def test_self_enhancement_correctness(rewrite, after):
             if r["task"] == "improve":
                 r["answer"] = f"Improved Answer: The shape is {r['gold']}." if rewrite == "gold" else rewrite
 
-    m, reqs = bench.run_benchmarks(SCENES, answer, seed=0, pope_k=3)
+    m, reqs = evaluation.run_benchmarks(SCENES, answer, seed=0, pope_k=3)
     improve = [r for r in reqs if r["task"] == "improve"]
     assert len(improve) == len(SCENES) and all(r["prompt"].count(prompts.GEN_SUFFIX.strip()) == 1 for r in improve)
     assert m["format"]["improve_before_correct"] == 1.0
@@ -223,7 +224,7 @@ def test_self_enhancement_correctness(rewrite, after):
 
 def test_compare_prints_deltas(tmp_path, capsys):
     for name, short in (("theta0", lambda sc, r: "Yes"), ("iter_1", _perfect_short)):
-        m, _ = bench.run_benchmarks(SCENES, _answerer(short, describe))
+        m, _ = evaluation.run_benchmarks(SCENES, _answerer(short, describe))
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(m))
     evaluate.main(["--compare", str(tmp_path / "theta0"), str(tmp_path / "iter_1" / "metrics.json")])
@@ -254,7 +255,7 @@ def test_score_pairs_hand_case():
          "question": "What color is the star?", "chosen": "red and blue", "rejected": "blue"},
         {"type": "gen", "image": "other.png", "question_raw": "x?", "question": "x?", "chosen": "a", "rejected": "b"},
     ]
-    d = bench.score_pairs(pairs, {"s1.png": scene})
+    d = evaluation.score_pairs(pairs, {"s1.png": scene})
     assert d["n_pairs"] == 7 and d["n_missing_scene"] == 1 and d["n_questions"] == 4
     assert d["question_raw_answerable"] == pytest.approx(3 / 4)  # the square question is not answerable
     assert d["question_answerable"] == pytest.approx(3 / 4)  # the green moon is not there
@@ -295,7 +296,7 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert saved["meta"]["n_scenes"] == 4 and saved["pope"]["mean_f1"] == m["pope"]["mean_f1"]
     # rates; des_words counts words
-    assert all(0.0 <= v <= 1.0 for k, v in bench.summary(saved).items() if k not in bench.WORDS)
+    assert all(0.0 <= v <= 1.0 for k, v in evaluation.summary(saved).items() if k not in evaluation.WORDS)
     answers = [json.loads(line) for line in (tmp_path / "model" / "eval_answers.jsonl").read_text().splitlines()]
     assert len(answers) > 50 and all(isinstance(r["answer"], str) for r in answers)
     # Greedy decoding: the same (image, prompt) always gets the same answer, whichever task asked it.
@@ -307,20 +308,20 @@ def test_main_end_to_end_tiny_model(tmp_path, capsys):
 
 def test_test_split_written_once_and_never_overwritten(tmp_path):
     d = tmp_path / "test"
-    scenes, labels = bench.load_test_scenes(str(d), None, 3, 5)
+    scenes, labels = evaluation.load_test_scenes(str(d), None, 3, 5)
     assert labels == str(tmp_path / "test_labels.jsonl") and len(scenes) == 3
     assert sorted(os.listdir(d)) == sorted(sc["image"] for sc in scenes)  # images only in the folder
-    again, _ = bench.load_test_scenes(str(d), None, 99, 6)  # present: read back, not rewritten
+    again, _ = evaluation.load_test_scenes(str(d), None, 99, 6)  # present: read back, not rewritten
     assert again == scenes
     # What a kill leaves while the split is written (its labels come last): the split's images and no labels. It is
     # finished, not refused.
     os.remove(labels)
     os.remove(d / scenes[-1]["image"])
-    assert bench.load_test_scenes(str(d), None, 3, 5) == (scenes, labels)
+    assert evaluation.load_test_scenes(str(d), None, 3, 5) == (scenes, labels)
     assert sorted(os.listdir(d)) == sorted(sc["image"] for sc in scenes)
     # A folder that holds anything else and no labels is not the split: refused, nothing in it touched.
     os.remove(labels)
     (d / "mine.png").write_bytes(b"a user's image")
     with pytest.raises(UserError, match=f"^{d} holds 1 file\\(s\\) that are not the images of this split \\(mine.png"):
-        bench.load_test_scenes(str(d), None, 3, 5)
+        evaluation.load_test_scenes(str(d), None, 3, 5)
     assert (d / "mine.png").read_bytes() == b"a user's image" and not os.path.exists(labels)

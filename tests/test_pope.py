@@ -6,10 +6,10 @@ import json
 import pytest
 
 import evaluate
-from sena import amber, benchfiles, tiny
-from sena.benchfiles import score_pope_files
+from sena import amber, pope, tiny
 from sena.cli import UserError
-from sena.world import bench
+from sena.pope import score_pope_files
+from sena.world import evaluation
 
 MODEL_ARGS = ["--batch-size", "4", "--max-new-tokens", "5", "--max-new-tokens-short", "3", "--device", "cpu"]
 
@@ -24,14 +24,14 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def prompts_seen(monkeypatch):
-    """Every request the model answers, recorded on its way to the real sena.world.bench.answer_requests."""
-    seen, real = [], bench.answer_requests
+    """Every request the model answers, recorded on its way to the real sena.world.evaluation.answer_requests."""
+    seen, real = [], evaluation.answer_requests
 
     def spy(model, tok, image_cfg, reqs, *a):
         seen.extend(dict(r) for r in reqs)
         return real(model, tok, image_cfg, reqs, *a)
 
-    monkeypatch.setattr(bench, "answer_requests", spy)
+    monkeypatch.setattr(evaluation, "answer_requests", spy)
     return seen
 
 
@@ -88,8 +88,8 @@ def test_pope_answers_written_in_the_official_format_and_scored(setup, prompts_s
 
 def test_pope_suffix_not_doubled_for_llava_question_files():
     text = "Is there a cat in the image?\nAnswer the question using a single word or phrase."
-    assert benchfiles.with_suffix(text, benchfiles.LLAVA_SHORT_ANSWER) == text
-    assert benchfiles.with_suffix("Is there a cat in the image?", "") == "Is there a cat in the image?"
+    assert pope.with_suffix(text, pope.LLAVA_SHORT_ANSWER) == text
+    assert pope.with_suffix("Is there a cat in the image?", "") == "Is there a cat in the image?"
 
 
 def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp_path):
@@ -118,7 +118,7 @@ def test_amber_responses_in_the_official_format(setup, prompts_seen, capsys, tmp
     assert "skipped 1 of 5 questions on 1 images: missing 1 (AMBER_2.jpg)" in out and "[5]: skipping query" in err
     by_id = {r["id"]: r for r in prompts_seen}
     assert by_id[1]["prompt"] == "Describe this image." and by_id[1]["task"] == "des"  # generative: as written
-    assert by_id[1005]["prompt"] == "Is there a star in this image?" + benchfiles.LLAVA_SHORT_ANSWER
+    assert by_id[1005]["prompt"] == "Is there a star in this image?" + pope.LLAVA_SHORT_ANSWER
     assert by_id[1005]["task"] == "amber"
     assert res["all"]["n"] == 3 and res["n_generative"] == 1 and res["n_unmatched"] == res["n_missing"] == 0
     assert (res["existence"]["n"], res["attribute"]["n"], res["relation"]["n"]) == (1, 1, 1)
@@ -165,4 +165,4 @@ def test_subcommands_say_what_is_missing(tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["amber", "--queries", "q.json"])
     with pytest.raises(UserError, match="image folder not found"):
-        benchfiles.check_images(["a.jpg"], str(tmp_path / "nowhere"))
+        pope.check_images(["a.jpg"], str(tmp_path / "nowhere"))

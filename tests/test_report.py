@@ -23,7 +23,7 @@ from sena.image import default_image_cfg
 from sena.noise import noise_generator
 from sena.report import build_report, curves_png, noised_rgb
 from sena.world import write_split
-from sena.world.bench import run_benchmarks
+from sena.world.evaluation import run_benchmarks
 from sena.world.language import describe
 from sena.world.scenes import COLORS, SHAPES, sample_scenes
 

@@ -31,10 +31,10 @@ import os
 import sys
 
 from sena import amber, cli, flags
-from sena.benchfiles import answer_pope_files, print_pope_table, score_pope_files
 from sena.io import atomic_write_text
+from sena.pope import answer_pope_files, print_pope_table, score_pope_files
 from sena.settings import answer_settings, eval_settings
-from sena.world.bench import load_answerer
+from sena.world.evaluation import load_answerer
 from sena.world.scorecard import compare, evaluate_model
 
 USAGE = """evaluate.py --model DIR [--test-dir D] [options]

@@ -113,10 +113,10 @@ def model_config(tok, **over) -> ModelConfig:
 
 
 def evaluate_theta0(model_dir, device="cpu", batch_size=64) -> dict:
-    """θ0's world benchmarks (sena/world/bench.py) on the default test split, written to a temporary folder."""
+    """θ0's world benchmarks (sena/world/evaluation.py) on the default test split, written to a temporary folder."""
     from sena.checkpoint import load_pretrained
     from sena.settings import eval_settings
-    from sena.world.bench import answer_requests, run_benchmarks, summary
+    from sena.world.evaluation import answer_requests, run_benchmarks, summary
 
     split = eval_settings()  # evaluate.py's test split and token caps
     model, tok, image_cfg = load_pretrained(model_dir, device=device)

@@ -10,7 +10,7 @@ import time
 from sena.cli import UserError
 from sena.io import atomic_write_text, read_json
 from sena.settings import EvalSettings
-from sena.world.bench import LOWER_IS_BETTER, load_answerer, load_test_scenes, run_benchmarks, shown, summary
+from sena.world.evaluation import LOWER_IS_BETTER, load_answerer, load_test_scenes, run_benchmarks, shown, summary
 
 
 def evaluate_model(model_dir, settings: EvalSettings, test_dir, test_labels=None, out=None):
