@@ -13,6 +13,7 @@ resumable (train.py skips finished rounds). Prints the table after the last roun
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,9 +24,10 @@ from sena.world.evaluation import LOWER_IS_BETTER, shown, summary
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS = ["pope_adversarial_f1", "pope_adversarial_yes", "pope_popular_f1", "pope_random_f1", "chair_i", "chair_s",
-        "chair_recall", "amber_f1_all", "amber_score", "vqa_overall", "vqa_color", "vqa_shape", "vqa_count",
-        "vqa_position", "improve_before_correct", "improve_after_correct", "sq_answerable_checked", "des_words",
-        "fmt_ask_question", "fmt_self_check", "fmt_improve"]
+        "chair_recall", "amber_f1_all", "amber_f1_existence", "amber_f1_attribute", "amber_f1_relation",
+        "amber_score", "vqa_overall", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "open_next_to_acc",
+        "open_absent", "improve_before_correct", "improve_after_correct", "sq_answerable_raw",
+        "sq_answerable_checked", "des_words", "fmt_ask_question", "fmt_self_check", "fmt_improve"]
 CURVE = ["chair_i", "chair_recall", "pope_adversarial_f1", "vqa_overall", "amber_score", "des_words"]
 
 
@@ -44,17 +46,29 @@ def main(argv=None):
     p.add_argument("--out", default="runs/ablation", help="parent folder of the runs")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs torch threads)")
     p.add_argument("--train-args", default="", help="extra train.py arguments, one string")
+    p.add_argument("--eval", choices=["every", "last"], default="every",
+                   help="benchmark every round's model, or only the last one's (train.py --no-eval, then evaluate.py "
+                   "on round n: a quarter of the evaluation time on a large test split, no per-round curve)")
     args = p.parse_args(argv)
     out = os.path.join(ROOT, args.out) if not os.path.isabs(args.out) else args.out
     os.makedirs(out, exist_ok=True)
     env_threads = str(max(1, (os.cpu_count() or 2) // args.jobs))
+    shared = theta0_evaluated_once(out, args.train_args.split(), str(os.cpu_count() or 2))
 
     def one(seed, variant):
         run_dir = os.path.join(out, f"s{seed}-{variant}")
         cmd = [sys.executable, "train.py", "--run-dir", run_dir, "--seed", str(seed), "--ablation", variant,
-               "--n-iters", str(args.n_iters), *args.train_args.split()]
+               "--n-iters", str(args.n_iters), *args.train_args.split(), *(["--no-eval"] if args.eval == "last" else [])]
         os.makedirs(run_dir, exist_ok=True)
+        for name in ("theta0", "test", "test_labels.jsonl"):  # θ0 and its scores on the test split, made once
+            src, dst = os.path.join(shared, name), os.path.join(run_dir, name)
+            if not os.path.exists(dst):
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
         rc = run(cmd, os.path.join(run_dir, "train.log"), env_threads)
+        last = os.path.join(run_dir, f"iter_{args.n_iters}", "model")
+        if rc == 0 and args.eval == "last" and not os.path.exists(os.path.join(last, "metrics.json")):
+            rc = run([sys.executable, "evaluate.py", "--model", last, "--test-dir", os.path.join(run_dir, "test")],
+                     os.path.join(run_dir, "evaluate.log"), env_threads)
         print(f"seed {seed} {variant}: exit {rc}", flush=True)
         return rc
 
@@ -62,6 +76,24 @@ def main(argv=None):
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda sv: one(*sv), jobs))
     table(out, args.seeds, args.variants, args.n_iters)
+
+
+def theta0_evaluated_once(out, train_args, threads):
+    """<out>/theta0-eval: the runs' θ0 (train.py's --theta0, else the shipped one), installed and evaluated on the
+    test split once. Every run starts from a copy of it: train.py reuses a θ0 copy that holds the same weights and
+    skips θ0's evaluation when its metrics.json is there, so the runs do not score the same model on the same split
+    again and again. Returns the folder."""
+    from sena.world import SHIPPED_THETA0, install_theta0
+
+    shared = os.path.join(out, "theta0-eval")
+    src = train_args[train_args.index("--theta0") + 1] if "--theta0" in train_args else SHIPPED_THETA0
+    theta0 = install_theta0(shared, src)
+    if not os.path.exists(os.path.join(theta0, "metrics.json")):
+        rc = run([sys.executable, "evaluate.py", "--model", theta0, "--test-dir", os.path.join(shared, "test")],
+                 os.path.join(shared, "evaluate.log"), threads)
+        if rc:
+            raise SystemExit(f"error: evaluating θ0 failed (exit {rc}); see {os.path.join(shared, 'evaluate.log')}")
+    return shared
 
 
 def metrics(out, seed, variant, k):
@@ -101,14 +133,18 @@ def table(out, seeds, variants, n_iters):
                  for k in range(n_iters + 1)]
         print(f"{names.get(v, v):<12}" + " | ".join(f"iter {k}: {c}" for k, c in enumerate(cells)))
     eff = effects(out, seeds, variants[0], n_iters)
+    mech = {v: mechanism(out, seeds, v) for v in variants}
     with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump({"final": res, "curve": curve, "effects": eff}, f, indent=2)
+        json.dump({"final": res, "curve": curve, "effects": eff, "mechanism": mech}, f, indent=2)
 
 
 # SENA's effect after the last round against the run's own θ0, per seed: (name, row, how, what counts as a gain).
-EFFECTS = [("CHAIR_i ratio", "chair_i", "ratio", "<= 0.6"), ("recall Δ", "chair_recall", "diff", ">= -3"),
-           ("POPE-adv F1 Δ", "pope_adversarial_f1", "diff", ">= +1"), ("VQA Δ", "vqa_overall", "diff", ">= -1"),
-           ("AMBER score Δ", "amber_score", "diff", "> 0"), ("words ratio", "des_words", "ratio", "0.75-1.25")]
+# The first five are the pass criteria of docs/world.md; the last two are shown beside them.
+EFFECTS = [("CHAIR_i ratio", "chair_i", "ratio", "<= 0.7"), ("recall Δ", "chair_recall", "diff", ">= -3"),
+           ("POPE-adv F1 Δ", "pope_adversarial_f1", "diff", ">= +1"), ("AMBER disc F1 Δ", "amber_f1_all", "diff",
+                                                                      ">= +1"),
+           ("VQA Δ", "vqa_overall", "diff", ">= -1"), ("AMBER score Δ", "amber_score", "diff", "> 0"),
+           ("words ratio", "des_words", "ratio", "0.75-1.25")]
 
 
 def effects(out, seeds, variant, n_iters):
@@ -124,6 +160,60 @@ def effects(out, seeds, variant, n_iters):
         print(f"{'seed':<6}" + "".join(f"{name + ' (' + want + ')':>24}" for name, _, _, want in EFFECTS))
         for s, e in rows.items():
             print(f"{s:<6}" + "".join(f"{e[name]:>24.2f}" for name, *_ in EFFECTS))
+    return rows
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def flips(run_dir, k):
+    """POPE-adversarial answers of θ0 and θ(k) to the same questions: (negatives answered yes by θ0 and no by θ(k),
+    the reverse, positives yes -> no, the reverse), from the eval_answers.jsonl each evaluation writes."""
+    a = os.path.join(run_dir, "theta0", "eval_answers.jsonl")
+    b = os.path.join(run_dir, f"iter_{k}", "model", "eval_answers.jsonl")
+    if not (os.path.exists(a) and os.path.exists(b)):
+        return None
+    from sena.metrics import pope_parse
+
+    def answers(path):
+        return {r["question_id"]: (pope_parse(r["answer"]), r["gold"]) for r in read_jsonl(path)
+                if r["task"] == "pope" and r["split"] == "adversarial"}
+
+    before, after = answers(a), answers(b)
+    n = dict.fromkeys(("neg_yes_to_no", "neg_no_to_yes", "pos_yes_to_no", "pos_no_to_yes"), 0)
+    for q, (x, gold) in before.items():
+        y = after[q][0]
+        if x != y:
+            n[f"{'neg' if gold == 'no' else 'pos'}_{x}_to_{y}"] += 1
+    return n
+
+
+def mechanism(out, seeds, variant, k=1):
+    """Round k's mechanism per seed, from the world's labels: absent buddies named by chosen / rejected descriptions
+    (pair_scores.json), what self-enhancement fixed and introduced in them, and POPE-adversarial answers that flip
+    between θ0 and θ(k)."""
+    rows = {}
+    for s in seeds:
+        run_dir = os.path.join(out, f"s{s}-{variant}")
+        f = os.path.join(run_dir, f"iter_{k}", "pair_scores.json")
+        if not os.path.exists(f):
+            continue
+        with open(f) as fh:
+            ps = json.load(fh)
+        rows[s] = {"des_buddies_chosen": ps["des_chosen_buddies"], "des_buddies_rejected": ps["des_rejected_buddies"],
+                   "des_others_chosen": ps["des_chosen_others"], "des_others_rejected": ps["des_rejected_others"],
+                   "se_des": ps.get("se_des"), "flips": flips(run_dir, k)}
+    if rows:
+        print(f"\n{variant}, round {k}: absent buddies named by descriptions chosen / rejected; self-enhancement "
+              f"fixed / raw (introduced) per error kind; POPE-adversarial flips θ0 -> θ{k}")
+        for s, r in rows.items():
+            se = " ".join(f"{kind} {c['fixed']}/{c['raw']} (+{c['introduced']})" for kind, c in (r["se_des"] or {}).items())
+            fl = r["flips"] or {}
+            print(f"seed {s}: buddies {r['des_buddies_chosen']} / {r['des_buddies_rejected']}, others "
+                  f"{r['des_others_chosen']} / {r['des_others_rejected']} | SE {se} | flips " +
+                  ", ".join(f"{key} {v}" for key, v in fl.items()))
     return rows
 
 

@@ -12,7 +12,6 @@ small matrices gain nothing; the table shows why.
 
 import argparse
 import copy
-import random
 import statistics
 import time
 
@@ -26,7 +25,7 @@ from sena.world.data import MixWindows, render_all
 from sena.world.encoder import autocast, cell_targets, pretrain_vision
 from sena.world.render import IMAGE_SIZE
 from sena.world.scenes import sample_scenes
-from sena.world.tasks import Noise
+from sena.world.tasks import Mix
 from sena.world.tokenizer import build_tokenizer
 
 
@@ -71,13 +70,13 @@ def main(argv=None):
     tok = build_tokenizer()
     image_cfg = default_image_cfg(IMAGE_SIZE)
     config = build.model_config(tok)
-    scenes = sample_scenes(args.scenes, seed=random.Random(0).randrange(2**31), prefix="train")
+    scenes = sample_scenes(args.scenes, seed=0, prefix="train")
     t = time.perf_counter()
     images = render_all(scenes)
     render_s = (time.perf_counter() - t) * tr["n_scenes"] / args.scenes
     targets = cell_targets(scenes, config.vision.image_size // config.vision.patch_size)
     base = Llava(config)
-    data = MixWindows(scenes, tok, tr, Noise(), config.n_image_tokens, config.image_token_index, seed=0)
+    data = MixWindows(scenes, tok, tr, Mix(), config.n_image_tokens, config.image_token_index, seed=0)
     batches = data[0][: args.steps]  # the first window's batches (16 steps)
     tokens = statistics.mean(b["input_ids"].numel() for b in batches)
     times = {(stage, prec): [] for stage in ("stage 1", "stage 2") for prec in ("fp32", "bf16")}

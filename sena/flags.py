@@ -81,7 +81,7 @@ def train_flags():
                                              "ships, sena/world/theta0)")),
         ("--rebuild-theta0", dict(action="store_true",
                                   help="build a fresh world θ0 from --seed in the run directory instead (python -m "
-                                       "sena.world.build; minutes on a GPU, about an hour on 2 CPU cores)")),
+                                       "sena.world.build; about 21 minutes on 2 CPU cores)")),
         ("--ablation", dict(choices=list(ABLATIONS), default="none",
                             help="no-sq: no self-check; no-se: no self-enhancement; no-ica: λ=0; seva: all three off")),
         ("--beta", dict(type=cli.positive_float, default=0.1,
@@ -154,7 +154,7 @@ def world_eval_flags():
         ("--model", dict(help="Hugging Face LLaVA directory to evaluate (metrics.json is written inside)")),
         ("--test-dir", dict(default="runs/world/test", help="held-out world images (labels: <dir>_labels.jsonl)")),
         ("--test-labels", dict(default=None, help="scene records of --test-dir (default <dir>_labels.jsonl)")),
-        ("--n-test", dict(type=cli.positive_int, default=200,
+        ("--n-test", dict(type=cli.positive_int, default=1000,
                           help="number of test scenes written when the split is missing")),
         ("--test-seed", dict(type=cli.non_negative_int, default=424242,
                              help="seed of the test split (keep apart from training)")),

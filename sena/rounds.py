@@ -236,7 +236,7 @@ def world_pool(run_dir, k, n, seed):
     if dist.rank() == 0:
         labels = os.path.join(run_dir, "labels", f"pool_iter_{k}.jsonl")
         os.makedirs(os.path.dirname(labels), exist_ok=True)
-        world.write_split(pool, n, seed=seed * 1000 + k, prefix=f"pool{k}", labels_path=labels, remove_others=True)
+        world.write_split(pool, n, seed=seed, prefix=f"pool{k}", labels_path=labels, remove_others=True)
     dist.barrier()
     return pool
 

@@ -179,13 +179,14 @@ def test_world_benchmarks_perfect_answerer():
     m, reqs = evaluation.run_benchmarks(SCENES, _answerer(_perfect_short, describe), seed=0, pope_k=3)
     s = evaluation.summary(m)
     for key in ("pope_random_acc", "pope_adversarial_f1", "chair_recall", "amber_cover", "amber_f1_all", "amber_score",
-                "vqa_overall", "fmt_ask_question", "fmt_self_check", "fmt_improve", "des_exact"):
+                "vqa_overall", "open_next_to_acc", "fmt_ask_question", "fmt_self_check", "fmt_improve", "des_exact"):
         assert s[key] == 1.0, key
-    assert s["chair_i"] == s["chair_s"] == s["amber_hal"] == s["amber_cog"] == 0.0
+    assert s["chair_i"] == s["chair_s"] == s["amber_hal"] == s["amber_cog"] == s["open_absent"] == 0.0
+    assert m["open"]["n"] > 0
     for split in SPLITS:  # POPE is balanced by construction and only uses scenes with >= 3 objects
         assert s[f"pope_{split}_yes"] == 0.5
         assert m["pope"][split]["n"] == 6 * sum(len(sc["objects"]) >= 3 for sc in SCENES)
-    assert {r["task"] for r in reqs} == {"pope", "amber", "vqa", "des", "ask", "self_check", "improve"}
+    assert {r["task"] for r in reqs} == {"pope", "amber", "vqa", "open", "des", "ask", "self_check", "improve"}
 
 
 def test_world_benchmarks_yes_sayer_and_hallucinating_describer():
@@ -265,6 +266,32 @@ def test_score_pairs_hand_case():
     assert d["gen_chosen_correct"] == pytest.approx(2 / 3) and d["gen_rejected_wrong"] == pytest.approx(1 / 3)
     assert d["n_des"] == 2 and d["des_chosen_correct"] == 1.0 and d["des_rejected_wrong"] == pytest.approx(1 / 2)
     assert d["chosen_correct"] == pytest.approx(4 / 5) and d["rejected_wrong"] == pytest.approx(2 / 5)
+    assert d["se_des"]["buddy"] == {"raw": 0, "fixed": 0, "introduced": 0}  # no pair carries an accepted rewrite
+
+
+def test_score_pairs_counts_what_self_enhancement_fixed():
+    """Description pairs whose rewrite was accepted: errors of the raw answer (bench.description_errors) that the
+    rewrite removed, and errors it added, per kind. Scene: a small red circle (top left), a large blue star (center)."""
+    scene = {"image": "s1.png", "objects": [
+        {"shape": "circle", "color": "red", "size": "small", "pos": "top left", "row": 0, "col": 0},
+        {"shape": "star", "color": "blue", "size": "large", "pos": "center", "row": 1, "col": 1}]}  # fmt: skip
+    gold = describe(scene)
+    phantom = "There is a small red circle at the top left, a large blue star in the center and a small red square."
+    wrong = "There is a small green circle at the top left and a large blue star in the center."
+    pairs = [  # the square is the circle's absent buddy; a moon is another absent shape
+        {"type": "des", "image": "s1.png", "chosen_raw": phantom, "chosen": gold, "se_accepted": True},
+        {"type": "des", "image": "s1.png", "chosen_raw": wrong, "chosen": gold, "se_accepted": True},
+        {"type": "des", "image": "s1.png", "chosen_raw": gold, "chosen": "There is a large blue star and a moon.",
+         "se_accepted": True},
+        {"type": "des", "image": "s1.png", "chosen_raw": phantom, "chosen": phantom, "se_accepted": False},
+    ]
+    for p in pairs:
+        p |= {"rejected": "There is a star.", "prompt": "x"}
+    se = evaluation.score_pairs(pairs, {"s1.png": scene})["se_des"]
+    assert se["buddy"] == {"raw": 1, "fixed": 1, "introduced": 0}  # the refused rewrite is not counted
+    assert se["attribute"] == {"raw": 1, "fixed": 1, "introduced": 0}  # the green circle
+    assert se["other"] == {"raw": 0, "fixed": 0, "introduced": 1}  # the moon
+    assert se["missing"] == {"raw": 0, "fixed": 0, "introduced": 1}  # the circle dropped
 
 
 def test_main_end_to_end_tiny_model(tmp_path, capsys):

@@ -8,39 +8,38 @@ The recipe is LLaVA's, at world scale:
            shape / colour / size labels and the bag of shapes in the image, on clean and diffusion-noised images
            (sena/world/encoder.py), then is frozen, as LLaVA freezes CLIP;
   stage 2  the projector and the language model learn the instruction mix together (sena/world/tasks.py: describe,
-           short answers, ask, self-check, improve, with annotation noise), on fresh draws over pre-rendered scenes,
+           short answers, ask, self-check, improve; every label true), on fresh draws over pre-rendered scenes,
            several examples of one image packed behind one shared prefix (sena/world/data.py). A share of the images
            is diffusion-noised with the true answers kept.
 Loss: token cross-entropy over answer tokens, averaged per example, then over examples. AdamW, warmup then cosine
 decay, gradient clipping. bf16 autocast (on CUDA, and on CPUs with bf16 matrix units, where it is the fastest
-correct path; fp32 master weights either way). Everything is seeded, so the same seed, device and thread count give
-the same weights hash. meta.json records the recipe, device, torch version, hash, build time and θ0's world
-benchmark scores.
+correct path; fp32 master weights either way). Everything is seeded (sena.seeds), so the same seed, device and
+thread count give the same weights hash. meta.json records the recipe, device, torch version, hash, build time, how
+well the tower reads faint objects and clutter, and θ0's world benchmark scores on the validation split (VAL).
 """
 
 import argparse
 import io
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
 
 import torch
 
-from sena import cli
+from sena import cli, seeds
 from sena.checkpoint import save_pretrained
 from sena.cli import UserError
 from sena.image import default_image_cfg
 from sena.io import atomic_write_bytes, atomic_write_text, sha256_file
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
 from sena.world.data import MixWindows, render_all
-from sena.world.encoder import cell_targets, pretrain_vision
+from sena.world.encoder import cell_targets, pretrain_vision, tower_report
 from sena.world.render import IMAGE_SIZE, render
-from sena.world.scenes import COOC, sample_scenes
+from sena.world.scenes import sample_scenes
 from sena.world.stage2 import train_stage2
-from sena.world.tasks import Noise
+from sena.world.tasks import Mix
 from sena.world.theta0 import check_recipe, is_complete, weights_hash
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
@@ -50,8 +49,11 @@ MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=256
              text_kv_heads=4, text_intermediate=704, patch=24, tie=False, select="full")
 TRAIN = dict(n_scenes=30000,
              vision_steps=2000, vision_batch=128, vision_lr=1e-3, vision_warmup=100, vision_noise=(0.5, 1, 1000),
-             steps=3000, batch_size=32, per_image=4, lr=5e-4, warmup=200, lr_floor=0.1, weight_decay=0.01,
-             betas=(0.9, 0.98), clip=1.0, stage2_noise=(0.3, 1, 1000))
+             steps=1200, batch_size=32, per_image=4, lr=5e-4, warmup=100, lr_floor=0.1, weight_decay=0.01,
+             betas=(0.9, 0.98), clip=1.0, stage2_noise=(0.3, 1, 1000), align=0.5)
+# The validation split that θ0's metrics in meta.json (and the choice among θ0 seeds) are measured on; SENA's results
+# use evaluate.py's test split, which is drawn apart (another seed and prefix).
+VAL = dict(n=1000, seed=0, prefix="val")
 
 
 def load_scenes(path) -> list[dict]:
@@ -60,7 +62,7 @@ def load_scenes(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_split(out_dir, n, seed, prefix, labels_path, cooc=COOC, remove_others=False) -> list[dict]:
+def write_split(out_dir, n, seed, prefix, labels_path, remove_others=False) -> list[dict]:
     """Render n seeded scenes to out_dir/<id>.png; their records go to labels_path, which must lie outside out_dir.
 
     Each image is written to a temp file and renamed, and the labels come last, so labels that are there mean the
@@ -72,7 +74,7 @@ def write_split(out_dir, n, seed, prefix, labels_path, cooc=COOC, remove_others=
         raise ValueError(f"labels {labels_path} must not be inside the image folder {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(os.path.dirname(labels_path), exist_ok=True)
-    scenes = sample_scenes(n, seed, prefix, cooc)
+    scenes = sample_scenes(n, seed, prefix)
     records = "".join(json.dumps(sc) + "\n" for sc in scenes)
     names = {sc["image"] for sc in scenes}
     present = set(os.listdir(out_dir))
@@ -98,6 +100,21 @@ def write_split(out_dir, n, seed, prefix, labels_path, cooc=COOC, remove_others=
     return scenes
 
 
+def cell_words(scenes, tok, grid, n_image_tokens) -> torch.Tensor:
+    """(N, n_image_tokens, 2) the input alignment's targets (sena/world/stage2.py): at each patch token, the token ids of the colour and
+    the shape word of the object in its cell (" red", " star"); IGNORE_INDEX at CLS and at empty cells."""
+    from sena.losses import IGNORE_INDEX
+    from sena.world.scenes import COLORS, SHAPES
+
+    t = cell_targets(scenes, grid)
+    out = []
+    for col, words in ((1, COLORS), (0, SHAPES)):
+        ids = torch.tensor([tok.convert_tokens_to_ids("▁" + w) for w in words] + [IGNORE_INDEX])
+        cls = torch.full((len(scenes), n_image_tokens - grid * grid), IGNORE_INDEX)
+        out.append(torch.cat([cls, ids[t[..., col]]], dim=1))
+    return torch.stack(out, dim=-1)
+
+
 def model_config(tok, **over) -> ModelConfig:
     m = MODEL | over
     vision = VisionConfig(hidden_size=m["vision_hidden"], intermediate_size=4 * m["vision_hidden"],
@@ -113,7 +130,7 @@ def model_config(tok, **over) -> ModelConfig:
 
 
 def evaluate_theta0(model_dir, device="cpu", batch_size=64) -> dict:
-    """θ0's world benchmarks (sena/world/evaluation.py) on the default test split, written to a temporary folder."""
+    """θ0's world benchmarks (sena/world/evaluation.py) on the validation split (VAL), written to a temporary folder."""
     from sena.checkpoint import load_pretrained
     from sena.settings import eval_settings
     from sena.world.evaluation import answer_requests, run_benchmarks, summary
@@ -122,15 +139,15 @@ def evaluate_theta0(model_dir, device="cpu", batch_size=64) -> dict:
     model, tok, image_cfg = load_pretrained(model_dir, device=device)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        scenes = write_split(os.path.join(tmp, "test"), split.n_test, split.test_seed, "test",
+        scenes = write_split(os.path.join(tmp, "val"), VAL["n"], VAL["seed"], VAL["prefix"],
                              os.path.join(tmp, "labels.jsonl"))
         caps = {True: split.answer.max_new_tokens_short, False: split.answer.max_new_tokens}
         metrics, _ = run_benchmarks(scenes, lambda rs: answer_requests(model, tok, image_cfg, rs,
-                                                                       os.path.join(tmp, "test"), batch_size, caps))
+                                                                       os.path.join(tmp, "val"), batch_size, caps))
     return summary(metrics)
 
 
-def build_theta0(out, seed=0, noise: Noise | None = None, device="cpu", threads=None, workers=None, bf16=None,
+def build_theta0(out, seed=0, mix: Mix | None = None, device="cpu", threads=None, workers=None, bf16=None,
                  log_every=50, model_over=None, evaluate=True, **train_over) -> str:
     """Train θ0 and save it to `out` (a Hugging Face LLaVA directory); a complete one there is reused.
 
@@ -138,9 +155,9 @@ def build_theta0(out, seed=0, noise: Noise | None = None, device="cpu", threads=
     workers: DataLoader processes making stage 2's batches (default: 0 on CPU, where they would take the compute's
     cores, 8 on CUDA). bf16: autocast on (default: on CUDA, and on a CPU with bf16 matrix units). Returns `out`.
     """
-    noise = noise or Noise()
+    mix = mix or Mix()
     tr = TRAIN | train_over
-    recipe = {"seed": seed, "train": tr, "model": MODEL | (model_over or {}), "noise": vars(noise)}  # meta.json's
+    recipe = {"seed": seed, "train": tr, "model": MODEL | (model_over or {}), "mix": vars(mix)}  # meta.json's
     if is_complete(out):
         check_recipe(out, recipe)
         print(f"theta0: {out} exists and is complete; reusing it")
@@ -156,14 +173,14 @@ def build_theta0(out, seed=0, noise: Noise | None = None, device="cpu", threads=
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
     if threads:  # else torch's default, which honours OMP_NUM_THREADS (parallel builds must not oversubscribe)
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)  # stage 1's batches and noise, then stage 2's noise, in order
+    torch.manual_seed(seeds.derive(seed, "init"))
+    gen = seeds.generator(seed, "build")  # stage 1's batches and noise, then stage 2's noise, in order
     tok = build_tokenizer()
     image_cfg = default_image_cfg(IMAGE_SIZE)
     config = model_config(tok, **(model_over or {}))
     model = Llava(config).to(device)
 
-    scenes = sample_scenes(tr["n_scenes"], seed=random.Random(seed).randrange(2**31), prefix="train")
+    scenes = sample_scenes(tr["n_scenes"], seed=seed, prefix="train")
     images = render_all(scenes, workers=max(workers, 2 if cuda else 0))
     t_data = time.time() - t0
     grid = config.vision.image_size // config.vision.patch_size
@@ -171,11 +188,15 @@ def build_theta0(out, seed=0, noise: Noise | None = None, device="cpu", threads=
     print(f"theta0: {len(scenes)} scenes rendered in {t_data:.0f}s; {n_params / 1e6:.2f}M params; {device}, "
           f"bf16 autocast {'on' if bf16 else 'off'}, {torch.get_num_threads()} threads")
     # The tower's small matrices gain nothing from bf16 on a CPU (measured slower), so stage 1 autocasts on CUDA only.
-    vloss = pretrain_vision(model, images, cell_targets(scenes, grid), image_cfg, gen, tr, device, bf16 and cuda)
+    vloss, heads = pretrain_vision(model, images, cell_targets(scenes, grid), image_cfg, gen, tr, device,
+                                   bf16 and cuda)
     t_vision = time.time() - t0 - t_data
     model.model.vision_tower.requires_grad_(False)  # frozen from here on, as LLaVA freezes CLIP
-    data = MixWindows(scenes, tok, tr, noise, config.n_image_tokens, config.image_token_index, seed)
-    losses = train_stage2(model, images, data, image_cfg, tr, gen, device, bf16, workers, log_every)
+    tower = tower_report(model, heads, image_cfg, seed, device=device)
+    print("theta0: tower " + ", ".join(f"{k} {v:.3f}" for k, v in tower.items()))
+    data = MixWindows(scenes, tok, tr, mix, config.n_image_tokens, config.image_token_index, seed)
+    words = cell_words(scenes, tok, grid, config.n_image_tokens) if tr["align"] else None
+    losses = train_stage2(model, images, data, image_cfg, tr, gen, device, bf16, workers, log_every, cell_words=words)
 
     # Save to a temporary folder, then rename, so an interrupted build never looks complete.
     tmp = out.rstrip("/") + ".tmp"
@@ -186,7 +207,7 @@ def build_theta0(out, seed=0, noise: Noise | None = None, device="cpu", threads=
     t_train = time.time() - t0
     meta = {"complete": True, **recipe, "device": device, "bf16_autocast": bf16, "threads": torch.get_num_threads(),
             "workers": workers, "torch": torch.__version__, "weights_sha256": weights_hash(model),
-            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "vision_loss": vloss,
+            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "vision_loss": vloss, "tower": tower,
             "seconds": {"data": round(t_data, 1), "stage1": round(t_vision, 1),
                         "stage2": round(t_train - t_data - t_vision, 1), "build": round(t_train, 1)}}
     if evaluate:

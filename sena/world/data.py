@@ -1,18 +1,18 @@
 """θ0's stage-2 data: fresh instruction-mix draws over pre-rendered scenes, packed per image behind one prefix.
 
-Every batch is a pure function of (seed, step): the window of steps it belongs to seeds a random.Random, which
+Every batch is a pure function of (seed, step): the window of steps it belongs to has its own stream, which
 draws the images, their examples (sena.world.tasks.sample_examples) and which images are seen noised. So the
 batches, and the θ0 they train, do not depend on how many DataLoader workers made them.
 """
 
 import math
 import multiprocessing
-import random
 import types
 
 import numpy as np
 import torch
 
+from sena import seeds
 from sena.batch import block_mask, pack
 from sena.chat import build_example
 from sena.world.render import render
@@ -81,8 +81,8 @@ class MixWindows(torch.utils.data.Dataset):
     little; the batches' order is then shuffled.
     """
 
-    def __init__(self, scenes, tok, tr, noise, n_image_tokens, image_token_id, seed):
-        self.scenes, self.tok, self.tr, self.noise, self.seed = scenes, MemoTokenizer(tok), tr, noise, seed
+    def __init__(self, scenes, tok, tr, mix, n_image_tokens, image_token_id, seed):
+        self.scenes, self.tok, self.tr, self.mix, self.seed = scenes, MemoTokenizer(tok), tr, mix, seed
         self.n_tok, self.img_id, self.pad = n_image_tokens, image_token_id, tok.pad_token_id
         self.prefix_len = None
 
@@ -91,13 +91,15 @@ class MixWindows(torch.utils.data.Dataset):
 
     def __getitem__(self, w):
         tr = self.tr
-        rng = random.Random(f"theta0-stage2/{self.seed}/{w}")
+        rng = seeds.rng(self.seed, "stage2", w)
         share, t_min, t_max = tr["stage2_noise"]
         n_steps = min(WINDOW, tr["steps"] - w * WINDOW)
+        lo, hi, p = self.mix.exist_focus
+        focus = p if lo * tr["steps"] <= w * WINDOW < hi * tr["steps"] else 0.0
         rows = []
         for _ in range(n_steps * tr["batch_size"]):
             i = rng.randrange(len(self.scenes))
-            exs = sample_examples(rng, self.scenes[i], tr["per_image"], self.noise)
+            exs = sample_examples(rng, self.scenes[i], tr["per_image"], self.mix, focus)
             ids = [build_example(self.tok, user, answer, self.n_tok, self.img_id) for _, user, answer in exs]
             t = rng.randrange(t_min, t_max) if rng.random() < share else 0
             rows.append((sum(len(e[0]) for e in ids), i, t, ids))

@@ -12,6 +12,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from sena import seeds
 from sena.noise import add_diffusion_noise
 from sena.schedule import lr_at
 from sena.world.scenes import COLORS, SHAPES, SIZES
@@ -71,7 +72,7 @@ def pretrain_vision(model, images, targets, image_cfg, gen, tr, device="cpu", bf
     context, as CLIP's patches carry). tr["vision_noise"] = (share, t_min, t_max) noises that share of each batch
     (noise_batch), true labels kept. AdamW, linear warmup over tr["vision_warmup"] steps, cosine to lr/10.
     images: (N, 3, S, S) uint8 on the CPU; gen: the torch.Generator that draws batches and noise.
-    Returns the mean loss of the last 20 steps.
+    Returns (mean loss of the last 20 steps, the heads), the heads for tower_report.
     """
     c = model.config
     splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, len(SHAPES)]
@@ -99,20 +100,49 @@ def pretrain_vision(model, images, targets, image_cfg, gen, tr, device="cpu", bf
         losses.append(loss.item())
         if log and (step % 500 == 0 or step == steps - 1):
             log(f"theta0 stage 1 step {step:04d}/{steps} | loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    return sum(losses[-20:]) / max(1, len(losses[-20:]))
+    return sum(losses[-20:]) / max(1, len(losses[-20:])), heads
 
 
 @torch.no_grad()
-def tower_features(model, images, image_cfg, chunk=256, t=None, generator=None) -> torch.Tensor:
-    """(N, n_image_tokens, Dv): the frozen tower's features LLaVA reads (layer vision_feature_layer, CLS dropped
-    unless the strategy is "full").
-    t: None, or (N,) diffusion steps: image i is seen as x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε (SENA's forward
-    diffusion, sena.noise), ε drawn from generator chunk by chunk."""
-    first = model.config.first_image_feature
+def tower_report(model, heads, image_cfg, seed, n=600, t=600, device="cpu") -> dict:
+    """How well the trained tower reads each kind of cell of n held-out scenes, clean and noised at step t (the
+    rejected image's): shape accuracy of clear and of faint objects, the share of faint objects it calls empty, and
+    the share of clutter cells and of empty cells it calls an object. Weak evidence is where θ0 will lean on the prior.
+    """
+    from sena.world.data import render_all
+    from sena.world.scenes import sample_scenes
+
+    scenes = sample_scenes(n, seed, "tower")
+    grid = model.config.vision.image_size // model.config.vision.patch_size
+    shape = cell_targets(scenes, grid)[..., 0]  # (N, cells)
+    kind = torch.zeros_like(shape)  # 0 empty, 1 clear object, 2 faint object, 3 clutter
+    for i, sc in enumerate(scenes):
+        for p in range(grid * grid):
+            r, c = p // grid * 3 // grid, p % grid * 3 // grid
+            o = next((o for o in sc["objects"] if (o["row"], o["col"]) == (r, c)), None)
+            blob = any((b["row"], b["col"]) == (r, c) for b in sc.get("clutter", []))
+            kind[i, p] = 0 if o is None and not blob else 3 if o is None else 2 if o.get("faint") else 1
+    images = render_all(scenes)
+    gen = seeds.generator(seed, "tower-report")
+    out = {}
+    for name, steps in (("clean", None), (f"t{t}", torch.full((n,), t))):
+        feats = tower_features(model, images, image_cfg, steps, gen, device)
+        pred = heads(feats[:, 1:])[..., : len(SHAPES) + 1].argmax(-1).cpu()  # (N, cells); len(SHAPES) = empty
+        empty = len(SHAPES)
+        out[f"{name}_clear_shape_acc"] = (pred == shape)[kind == 1].float().mean().item()
+        out[f"{name}_faint_shape_acc"] = (pred == shape)[kind == 2].float().mean().item()
+        out[f"{name}_faint_seen_empty"] = (pred == empty)[kind == 2].float().mean().item()
+        out[f"{name}_clutter_seen_object"] = (pred != empty)[kind == 3].float().mean().item()
+        out[f"{name}_empty_seen_object"] = (pred != empty)[kind == 0].float().mean().item()
+    return out
+
+
+def tower_features(model, images, image_cfg, t, generator, device, chunk=256):
+    """(N, 1 + patches, Dv) hidden states of layer vision_feature_layer, CLS included, optionally noised to step t."""
     feats = []
     for s in range(0, len(images), chunk):
         x = pixels(images[s: s + chunk], image_cfg)
         if t is not None:
             x = add_diffusion_noise(x, t[s: s + chunk], generator=generator)
-        feats.append(model.vision_hidden(x)[:, first:])
+        feats.append(model.vision_hidden(x.to(device)))
     return torch.cat(feats)

@@ -1,8 +1,10 @@
 """The world benchmarks: every question asked of a model on held-out world scenes, and their scores.
 
 POPE random/popular/adversarial, CHAIR_i/CHAIR_s/recall and AMBER generative on descriptions, AMBER discriminative
-F1 (existence, attribute, relation; "No" positive) and AMBER score, VQA accuracy per type, and the format-following
-rates of SENA's own prompts; also the data-side measures of a round's pairs (score_pairs). evaluate.py is the
+F1 (existence, attribute, relation; "No" positive) and AMBER score, VQA accuracy per type, open answers that name an
+object ("What is next to the star?": right, or naming an absent shape), and the format-following rates of SENA's own
+prompts; also the data-side measures of a round's pairs (score_pairs). One belief about what is in the image is read
+out three ways here: descriptions (CHAIR), yes/no answers (POPE, AMBER) and open answers. evaluate.py is the
 command line over these; the θ0 build scores the model it made with them.
 
 Descriptions use DESCRIBE_PROMPTS round-robin over the scenes (scene i gets prompt i mod 11) + DES_SUFFIX: SENA's
@@ -12,11 +14,12 @@ fractions.
 
 import json
 import os
-import random
 import re
+from collections import Counter
 
 from sena import metrics as M
 from sena import prompts as P
+from sena import seeds
 from sena.pairs import extract_questions, parse_improved
 from sena.world.language import (
     NUMBERS,
@@ -24,19 +27,23 @@ from sena.world.language import (
     SYNONYMS,
     TEMPLATES,
     describe,
+    mentioned_shapes,
     oracle_answer,
     question,
     question_type,
+    where,
 )
-from sena.world.scenes import COLORS, POSITIONS, SHAPES, absent_buddies
+from sena.world.scenes import BUDDIES, COLORS, POSITIONS, SHAPES, absent_buddies, neighbours
 
 SPLITS = M.POPE_SPLITS
 LOWER_IS_BETTER = ("chair_i", "chair_s", "amber_chair", "amber_hal", "amber_cog")
-WORDS = ("des_words",)  # summary rows that are word counts; every other row is a fraction, shown in %
+# Summary rows that are counts (words per description, question types asked); every other row is a fraction, shown
+# in %.
+WORDS = ("des_words", "sq_types")
 
 
 def shown(key, v):
-    """A summary value as tables print it: fractions in %, word counts as they are."""
+    """A summary value as tables print it: fractions in %, counts as they are."""
     return v if key in WORDS else 100 * v
 
 
@@ -51,10 +58,41 @@ def summary(m):
     s.update({f"amber_{k}": v for k, v in m["amber"]["generative"].items() if k != "cog_share_of_hallucinated"})
     for dim in ("existence", "attribute", "relation", "all"):
         s[f"amber_f1_{dim}"] = m["amber"]["discriminative"][dim]["f1"]
+    for dim in ("existence", "attribute", "relation"):  # AMBER's answers are "yes"/"no"/other; "No" is its positive
+        s[f"amber_yes_{dim}"] = m["amber"]["discriminative"][dim]["yes_ratio"]
     s["amber_score"] = m["amber"]["score"]
     s.update({f"vqa_{t}": v["accuracy"] for t, v in m["vqa"].items()})
+    s.update({f"open_{k}": v for k, v in m["open"].items() if k != "n"})
     s.update(m["format"])
+    # The self-asked questions: how many types make up at least 2% of them, and the largest type's share.
+    types = m["ask_types"]
+    n = max(1, sum(types.values()))
+    s["sq_types"] = sum(c / n >= 0.02 for t, c in types.items() if t != "other")
+    s["sq_top_type"] = max(types.values(), default=0) / n
     return s
+
+
+def present_shapes(scene):
+    return {o["shape"] for o in scene["objects"]}
+
+
+# One object phrase of a world description: "a small red circle at the top left" -> size, colour, shape, place.
+_PLACES = sorted({where(p) for p in POSITIONS}, key=len, reverse=True)
+_PHRASE = re.compile(rf"\ba (small|large) ([a-z]+) ([a-z]+) ({'|'.join(_PLACES)})")
+
+
+def description_errors(text, scene) -> dict:
+    """The errors of one description against its scene, as sets of shapes: absent buddies of present shapes that
+    it names (the co-occurrence prior's guess), other absent shapes it names, present shapes named with a wrong
+    size, colour or place, and present shapes it leaves out."""
+    present = {o["shape"]: o for o in scene["objects"]}
+    named = mentioned_shapes(text)
+    buddies = set(absent_buddies(scene))
+    wrong = {shape for size, color, shape, place in _PHRASE.findall(text)
+             if shape in present and (size, color, place) != (present[shape]["size"], present[shape]["color"],
+                                                               where(present[shape]["pos"]))}
+    return {"buddy": {s for s in named if s in buddies}, "other": {s for s in named if s not in present} - buddies,
+            "attribute": wrong, "missing": set(present) - set(named)}
 
 
 def shape_mentions(text):
@@ -65,13 +103,13 @@ def shape_mentions(text):
 
 def build_requests(scenes, seed, pope_k):
     """Every benchmark question on the scenes: dicts with task, image, prompt (user text), gold and grouping keys."""
-    rng = random.Random(seed)
+    rng = seeds.rng(seed, "requests")
     reqs = []
     exist_t = TEMPLATES["exist"].replace("{shape}", "{}")
     images = [{"image": sc["image"], "objects": [o["shape"] for o in sc["objects"]]} for sc in scenes]
-    chosen = M.pope_select(images, pope_k, None, random.Random(seed))
+    chosen = M.pope_select(images, pope_k, None, seeds.rng(seed, "pope"))
     for split in SPLITS:
-        for q in M.pope_sample(chosen, pope_k, split, random.Random(seed), exist_t, SHAPES):
+        for q in M.pope_sample(chosen, pope_k, split, seeds.rng(seed, "pope", split), exist_t, SHAPES):
             reqs.append({"task": "pope", "split": split, "image": q["image"], "prompt": q["text"] + P.GEN_SUFFIX,
                          "gold": q["label"], "question_id": q["question_id"], "text": q["text"]})  # fmt: skip
     for i, sc in enumerate(scenes):
@@ -103,6 +141,11 @@ def build_requests(scenes, seed, pope_k):
         for q in vqa:
             reqs.append({"task": "vqa", "split": question_type(q), "image": sc["image"], "prompt": q + P.GEN_SUFFIX,
                          "gold": oracle_answer(sc, q), "text": q})  # fmt: skip
+        with_one = [o for o in sc["objects"] if len(neighbours(sc, o)) == 1]
+        if with_one:  # an open answer that names an object: right, wrong, or naming a shape that is not there
+            q = question("next_to", shape=rng.choice(with_one)["shape"])
+            reqs.append({"task": "open", "split": "next_to", "image": sc["image"], "prompt": q + P.GEN_SUFFIX,
+                         "gold": oracle_answer(sc, q), "text": q})
         reqs.append({"task": "des", "split": "des", "image": sc["image"], "gold": describe(sc),
                      "prompt": P.DESCRIBE_PROMPTS[i % len(P.DESCRIBE_PROMPTS)] + P.DES_SUFFIX})  # fmt: skip
         reqs.append({"task": "ask", "split": "ask", "image": sc["image"], "prompt": P.ASK_QUESTION, "gold": None})
@@ -125,6 +168,8 @@ def score_world(reqs, scenes):
     disc["all"] = M.amber_discriminative([r["answer"] for r in pick("amber")], [r["gold"] for r in pick("amber")])
     gen = M.amber_generative(mentions, gt, prone)
     vqa = pick("vqa")
+    opened = pick("open")
+    named = [(mentioned_shapes(r["answer"]), by_image[r["image"]]) for r in opened]
     fmt = {
         "fmt_ask_question": M.rate(M.is_question(r["answer"]) for r in pick("ask")),
         "fmt_self_check": M.rate(M.is_self_check(r["answer"]) for r in pick("self_check")),
@@ -145,6 +190,12 @@ def score_world(reqs, scenes):
         "pope": pope, "chair": M.chair(mentions, gt),
         "amber": {"generative": gen, "discriminative": disc, "score": M.amber_score(gen["chair"], disc["all"]["f1"])},
         "vqa": M.vqa_accuracy([r["answer"] for r in vqa], [r["gold"] for r in vqa], [r["split"] for r in vqa]),
+        # The greedy self-asked questions by type (None: not a world template): SQ needs a variety to work with.
+        "ask_types": dict(Counter(question_type(r["answer"]) or "other" for r in pick("ask")).most_common()),
+        "open": {"n": len(opened),
+                 "next_to_acc": M.rate(M.answer_correct(r["answer"], r["gold"], SHAPES) for r in opened),
+                 "absent": M.rate(any(s not in present_shapes(sc) for s in ss) for ss, sc in named),
+                 "absent_buddy": M.rate(any(s in absent_buddies(sc) for s in ss) for ss, sc in named)},
         "format": fmt,
     }  # fmt: skip
 
@@ -193,9 +244,12 @@ def score_pairs(pairs, scenes):
     The mechanism SENA relies on shows in des_{chosen,rejected}_{buddies,others}: how many absent buddies of present
     shapes (the co-occurrence prior's guesses) and how many other absent shapes the descriptions name, each mention
     counted. Where the noise removes evidence and the prior fills the gap, rejected names far more buddies.
+    se_des: what self-enhancement did to the description pairs whose rewrite was accepted, per kind of error
+    (description_errors): errors in the raw answer, fixed by the rewrite, and introduced by it.
     """
     vocab = {"color": COLORS, "shape": SHAPES, "count": NUMBERS, "position": POSITIONS}
     questions, gen_c, gen_r, des_c, des_r, missing = {}, [], [], [], [], 0
+    se = {kind: dict.fromkeys(("raw", "fixed", "introduced"), 0) for kind in ("buddy", "other", "attribute", "missing")}
     named = dict.fromkeys(("des_chosen_buddies", "des_rejected_buddies", "des_chosen_others", "des_rejected_others"), 0)
     for p in pairs:
         sc = scenes.get(os.path.basename(p["image"]))
@@ -212,6 +266,12 @@ def score_pairs(pairs, scenes):
                 absent = [s for s in shape_mentions(p[side]) if s not in present]
                 named[f"des_{side}_buddies"] += sum(s in buddies for s in absent)
                 named[f"des_{side}_others"] += sum(s not in buddies for s in absent)
+            if p.get("se_accepted") and p.get("chosen_raw") is not None:
+                raw, after = description_errors(p["chosen_raw"], sc), description_errors(p["chosen"], sc)
+                for kind, counts in se.items():
+                    counts["raw"] += len(raw[kind])
+                    counts["fixed"] += len(raw[kind] - after[kind])
+                    counts["introduced"] += len(after[kind] - raw[kind])
             continue
         gold = oracle_answer(sc, p.get("question") or "")
         if gold is not None:  # an unanswerable question has no right answer; it shows in question_answerable
@@ -226,6 +286,7 @@ def score_pairs(pairs, scenes):
         "chosen_correct": M.rate(gen_c + des_c), "rejected_wrong": M.rate(gen_r + des_r),
         "gen_chosen_correct": M.rate(gen_c), "gen_rejected_wrong": M.rate(gen_r), "n_gen_scored": len(gen_c),
         "des_chosen_correct": M.rate(des_c), "des_rejected_wrong": M.rate(des_r), "n_des": len(des_c), **named,
+        "se_des": se,
     }  # fmt: skip
 
 

@@ -8,12 +8,14 @@ Templates (the benchmark asks exactly these; θ0 is trained on them):
     shape      "What shape is at the {pos}?"                       -> "circle"           (None if the cell is empty)
     count      "How many objects are there?"                       -> "two"
     position   "Where is the {color} {shape}?"                     -> "top left"         (None unless it exists)
+    next_to    "What is next to the {shape}?"                      -> "square"           (None unless exactly one
+                                                                       object shares a side with the shape's cell)
 A question whose oracle answer is None is one the image does not answer (a false premise).
 """
 
 import re
 
-from sena.world.scenes import COLORS, POSITIONS, SHAPES, find
+from sena.world.scenes import COLORS, POSITIONS, SHAPES, find, neighbours
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RELATIONS = ["to the left of", "to the right of", "above", "below"]
@@ -25,6 +27,7 @@ TEMPLATES = {
     "shape": "What shape is at the {pos}?",
     "count": "How many objects are there?",
     "position": "Where is the {color} {shape}?",
+    "next_to": "What is next to the {shape}?",
 }
 QUESTION_TYPES = list(TEMPLATES)
 VQA_TYPES = ["color", "shape", "count", "position"]
@@ -37,6 +40,7 @@ _PATTERNS = {
     "shape": re.compile(rf"^What shape is at the ({'|'.join(sorted(POSITIONS, key=len, reverse=True))})\?"),
     "count": re.compile(r"^How many objects are there\?"),
     "position": re.compile(rf"^Where is the {_W} {_W}\?"),
+    "next_to": re.compile(rf"^What is next to the {_W}\?"),
 }
 # Words that name each shape (CHAIR's synonym table): plurals and a few near-synonyms a captioner might use.
 SYNONYMS = {
@@ -83,7 +87,7 @@ def describe(scene: dict) -> str:
 def parse_question(text: str) -> tuple[str, tuple] | None:
     """(type, captured words) for a templated question (a trailing suffix is ignored), else None."""
     text = text.strip()
-    for qtype in ("attribute", "exist", "relation", "color", "shape", "count", "position"):
+    for qtype in ("attribute", "exist", "relation", "color", "shape", "count", "position", "next_to"):
         m = _PATTERNS[qtype].match(text)
         if m is None:
             continue
@@ -95,6 +99,7 @@ def parse_question(text: str) -> tuple[str, tuple] | None:
             "color": g and g[0] in SHAPES,
             "shape": True, "count": True,
             "position": len(g) == 2 and g[0] in COLORS and g[1] in SHAPES,
+            "next_to": g and g[0] in SHAPES,
         }[qtype]
         if words_ok:
             return qtype, g
@@ -134,6 +139,10 @@ def oracle_answer(scene: dict, question: str) -> str | None:
         return hits[0]["shape"] if hits else None
     if qtype == "count":
         return NUMBERS[len(scene["objects"])]
+    if qtype == "next_to":
+        o = find(scene, g[0])
+        near = neighbours(scene, o) if o else []
+        return near[0]["shape"] if len(near) == 1 else None
     o = find(scene, g[1])  # position
     return None if o is None or o["color"] != g[0] else o["pos"]
 
@@ -167,6 +176,14 @@ def precise_answer(scene: dict, question: str) -> str:
     if qtype == "count":
         n = len(scene["objects"])
         return "There is one object." if n == 1 else f"There are {NUMBERS[n]} objects."
+    if qtype == "next_to":
+        o = find(scene, g[0])
+        if o is None:
+            return f"There is no {g[0]} in the image."
+        near = neighbours(scene, o)
+        if len(near) != 1:
+            return f"{'Nothing is' if not near else 'Several objects are'} next to the {g[0]}."
+        return f"Next to the {g[0]} there is {object_phrase(near[0])}."
     o = find(scene, g[1])  # position
     if o is None or o["color"] != g[0]:
         return f"There is no {g[0]} {g[1]} in the image."

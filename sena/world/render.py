@@ -5,7 +5,8 @@ image token (9 in all): a tiny language model trained for minutes binds "the sta
 easily among 9 object slots than among 36 patch fragments, and every SENA forward stays cheap on a CPU. A large
 shape (~20 px) fills most of its cell, a small one (~12 px) sits anywhere within it.
 Shapes are drawn as masks at 4x resolution and box-filtered down, so edges are anti-aliased and a star, a cross
-and a heart stay distinguishable at 12 px.
+and a heart stay distinguishable at 12 px. A faint object is blended into the background at low opacity; clutter is
+an irregular blob (no shape of SHAPES) at the same opacity, so a faint thing in a cell may be either.
 """
 
 import math
@@ -19,6 +20,7 @@ CELL = IMAGE_SIZE // 3
 SUPER = 4  # supersampling factor for the shape masks
 RADIUS = {"small": 6.0, "large": 10.0}  # half the shape's extent, px
 JITTER = {"small": 4.0, "large": 1.5}  # max centre offset inside the cell, px
+FAINT_ALPHA = (0.12, 0.32)  # opacity of a faint object and of a clutter blob, drawn uniformly
 RGB = {
     "red": (220, 30, 30), "green": (40, 180, 50), "blue": (30, 70, 230), "yellow": (240, 225, 40),
     "purple": (140, 40, 190), "pink": (255, 130, 200), "white": (250, 250, 250), "black": (15, 15, 15),
@@ -65,6 +67,17 @@ def _draw_mask(shape: str, cx: float, cy: float, r: float) -> Image.Image:
     return m.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
+def _blob_mask(rng: random.Random, cx: float, cy: float) -> Image.Image:
+    """Clutter: an irregular polygon (7-10 vertices at random radii), anti-aliased like the shapes."""
+    s, n, r = SUPER, rng.randint(7, 10), rng.uniform(5.0, 9.0)
+    angles = sorted(rng.uniform(0, 2 * math.pi) for _ in range(n))
+    pts = [((cx + r * rng.uniform(0.45, 1.1) * math.cos(a)) * s, (cy + r * rng.uniform(0.45, 1.1) * math.sin(a)) * s)
+           for a in angles]
+    m = Image.new("L", (IMAGE_SIZE * s, IMAGE_SIZE * s), 0)
+    ImageDraw.Draw(m).polygon(pts, fill=255)
+    return m.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+
+
 def _background(scene: dict, nrng: np.random.Generator) -> np.ndarray:
     """(H, W, 3) float background: a tinted grey, plus pixel noise or faint diagonal stripes."""
     base = np.array(scene["bg_color"], dtype=np.float64)
@@ -94,5 +107,13 @@ def render(scene: dict) -> Image.Image:
         mask = np.asarray(_draw_mask(o["shape"], cx, cy, r), dtype=np.float64)[..., None] / 255.0
         # Small per-object colour jitter: the model must learn colour categories, not exact RGB values.
         color = np.clip(np.array(RGB[o["color"]], dtype=np.float64) + [rng.uniform(-12, 12) for _ in range(3)], 0, 255)
-        img = img * (1.0 - mask) + color * mask
+        alpha = rng.uniform(*FAINT_ALPHA) if o.get("faint") else 1.0
+        img = img * (1.0 - alpha * mask) + color * alpha * mask
+    for b in scene.get("clutter", []):
+        cx = (b["col"] + 0.5) * CELL + rng.uniform(-3, 3)
+        cy = (b["row"] + 0.5) * CELL + rng.uniform(-3, 3)
+        mask = np.asarray(_blob_mask(rng, cx, cy), dtype=np.float64)[..., None] / 255.0
+        color = np.array(RGB[rng.choice(list(RGB))], dtype=np.float64)
+        alpha = rng.uniform(*FAINT_ALPHA)
+        img = img * (1.0 - alpha * mask) + color * alpha * mask
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")

@@ -26,7 +26,7 @@ def answer_loss(model, batch, pixel_values=None, image_features=None):
     sel[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=pixel_values,
                    image_features=image_features, position_ids=batch.get("position_ids"),
-                   logits_slice=sel)  # (n_answer_tokens, V)
+                   logits_slice=sel)  # (n_answer_tokens, V), in (row, position) order
     nll = F.cross_entropy(logits.float(), labels[:, 1:][sel[:, :-1]], reduction="none")  # (n,)
     if "example" not in batch:
         return nll.mean()
@@ -35,6 +35,20 @@ def answer_loss(model, batch, pixel_values=None, image_features=None):
     _, ex = ex.unique(return_inverse=True)
     count = torch.zeros(int(ex.max()) + 1, device=nll.device).index_add_(0, ex, torch.ones_like(nll))
     return (nll / count[ex]).sum() / len(count)
+
+
+def input_alignment(model, feats, words):
+    """The alignment loss at the language model's input: each image token's projected feature (B, n, D), read
+    through the word embedding matrix as logits over the vocabulary, against the words of what is in its cell
+    (B, n, K; IGNORE_INDEX where there is nothing to name), averaged over the K words and the named tokens:
+
+        L = (1/K) Σ_k mean_{(b,i) named} −log softmax(f_{b,i} · Eᵀ)[w_{b,i,k}],   E the word embedding matrix.
+
+    An image token then enters the language model looking like the words "red star", so a question that names the star can
+    find it by the same attention that finds a word repeated in the text."""
+    logits = feats.float() @ model.model.language_model.embed_tokens.weight.float().T  # (B, n, V)
+    return sum(F.cross_entropy(logits.flatten(0, 1), w.reshape(-1), ignore_index=IGNORE_INDEX)
+               for w in words.unbind(-1)) / words.shape[-1]
 
 
 def stage2_features(model, images, batch, image_cfg, gen, device):
@@ -50,10 +64,12 @@ def stage2_features(model, images, batch, image_cfg, gen, device):
 
 
 def train_stage2(model, images, data, image_cfg, tr, gen, device="cpu", bf16=False, workers=0, log_every=50,
-                 log=print) -> list[float]:
+                 log=print, cell_words=None) -> list[float]:
     """Stage 2's loop: projector + language model (the tower is frozen), AdamW (no decay on norms and biases),
-    warmup then cosine to tr["lr_floor"]·lr, clipping; answer_loss on MixWindows' packed batches. Returns the
-    per-step losses."""
+    warmup then cosine to tr["lr_floor"]·lr, clipping; answer_loss on MixWindows' packed batches, plus tr["align"]
+    times input_alignment when cell_words (N, n_image_tokens, 2), each scene's colour and shape word per image token,
+    is given.
+    Returns the per-step losses (the answer loss)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
@@ -62,25 +78,30 @@ def train_stage2(model, images, data, image_cfg, tr, gen, device="cpu", bf16=Fal
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None)
     model.train()
-    losses, t0, step = [], time.time(), 0
+    losses, aligns, t0, step = [], [], time.time(), 0
     for window in loader:
         for batch in window:
             batch = {k: v.to(device, non_blocking=True) if k not in ("image", "t") else v for k, v in batch.items()}
             with autocast(device, bf16):
                 feats = stage2_features(model, images, batch, image_cfg, gen, device)
-                loss = answer_loss(model, batch, image_features=feats)
+                answer = loss = answer_loss(model, batch, image_features=feats)
+                if cell_words is not None:
+                    align = input_alignment(model, feats, cell_words[batch["image"]].to(device))
+                    loss = answer + tr["align"] * align
+                    aligns.append(align.item())
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"], tr["lr_floor"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], tr["clip"])
             opt.step()
-            losses.append(loss.item())
+            losses.append(answer.item())
             if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
                 avg = sum(losses[-log_every:]) / len(losses[-log_every:])
                 el = time.time() - t0
                 eta = el / (step + 1) * (tr["steps"] - step - 1)
-                log(f"theta0 stage 2 step {step:05d}/{tr['steps']} | loss {avg:.4f} | gnorm {gnorm:.2f} | "
+                align = f" | align {sum(aligns[-log_every:]) / len(aligns[-log_every:]):.4f}" if aligns else ""
+                log(f"theta0 stage 2 step {step:05d}/{tr['steps']} | loss {avg:.4f}{align} | gnorm {gnorm:.2f} | "
                     f"lr {opt.param_groups[0]['lr']:.2e} | {el:.0f}s, eta {eta:.0f}s")
             step += 1
     return losses

@@ -1,228 +1,211 @@
-"""The supervised mix that teaches θ0 every skill SENA uses, with the annotation noise that gives θ0 its faults.
+"""The supervised mix that teaches θ0 every skill SENA uses. Every label is true.
 
 Each example is (kind, user prompt, answer) in the words of sena/prompts.py; sena.chat.build_example turns it into
 the LLaVA v1 sequence. Kinds:
-  des      DESCRIBE_PROMPTS[i] + DES_SUFFIX                      -> one-sentence description
-  gen      templated question + GEN_SUFFIX                       -> short answer ("Yes", "red", "top left", ...)
-  ask      ASK_QUESTION                                          -> a question (sometimes about an absent buddy)
-  check    SELF_CHECK(question)                                  -> "QUESTION: <same>" if answerable, else a new one
-  improve  IMPROVE(description, question, answer) or _NO_DESCRIPTION -> "Improved Answer: <precise answer>"
+  des      DESCRIBE_PROMPTS[i] + DES_SUFFIX            -> the gold one-sentence description
+  gen      templated question + GEN_SUFFIX             -> the oracle's short answer ("Yes", "red", "top left", ...)
+  ask      ASK_QUESTION                                -> a question whose type and subject follow the scene
+  check    SELF_CHECK(question)                        -> "QUESTION: <same>" if the image answers it, else a new one
+  improve  IMPROVE(description, question, answer)      -> "Improved Answer: <gold>", from a generic corruption
 
-Annotation noise (the knobs in Noise), as GPT-written instruction data has it: a description sometimes names an
-absent buddy of a present shape (right after it), and an existence question about an absent buddy is sometimes
-answered "Yes". Both rates are (lo, hi) pairs: hi applies when the present partner of the absent buddy is large, lo
-when it is small. A visible cue is what lets greedy decoding inherit the fault: with one flat rate under 1/2 the mode
-of every conditional would stay correct and a greedy θ0 would not hallucinate at all.
+No label carries a fault: no description names an absent object, no existence answer says "Yes" to one, and no
+example answers a question the image does not answer (LLaVA's data has almost none; how θ0 answers one is its own
+guess). θ0's faults come from the images (faint objects, clutter, small shapes) and from the scenes' co-occurrence:
+unsure of what it sees, a model falls back on what usually goes together. The errors that self-enhancement learns to
+repair are generic (a wrong colour, shape, count or position, a dropped object, a shape inserted at random), never
+the co-occurrence pattern itself.
 """
 
 from dataclasses import dataclass
 
-from sena import prompts as P
-from sena.world import language as L
-from sena.world.scenes import BUDDIES, COLORS, POSITIONS, SHAPES, SIZES, absent_buddies, find
+from sena import prompts
+from sena.world.language import (
+    NUMBERS,
+    RELATIONS,
+    describe,
+    oracle_answer,
+    precise_answer,
+    question,
+    question_type,
+)
+from sena.world.scenes import COLORS, POSITIONS, SHAPES, SIZES, cell, neighbours
 
 KINDS = ["des", "gen", "ask", "check", "improve"]
+GEN_WEIGHTS = {"exist": 0.35, "attribute": 0.12, "relation": 0.12, "color": 0.12, "shape": 0.12, "count": 0.08,
+               "position": 0.12, "next_to": 0.10}
+# The question a scene invites, as LLaVA's self-asked questions follow what is in the picture: one object -> what it
+# is, two -> the salient one's colour, three -> what is next to it, four -> how many there are.
+ASK_BY_COUNT = {1: "shape", 2: "color", 3: "next_to", 4: "count"}
+ASK_TYPES = ["color", "shape", "count", "position", "next_to", "relation", "exist"]
 
 
-@dataclass
-class Noise:
-    """Rates of annotation noise and of deliberately bad inputs in the θ0 mix (see module docstring)."""
+@dataclass(frozen=True)
+class Mix:
+    """The proportions of θ0's instruction mix (recorded in meta.json as the recipe's "mix")."""
 
-    desc_hal: tuple = (0.1, 0.7)  # P(description names an absent buddy), (partner small, partner large)
-    exist_hal: tuple = (0.1, 0.7)  # P("Yes" to "Is there a <absent buddy>?"), same cue
-    ask_unanswerable: float = 0.3  # P(ASK_QUESTION target asks about an absent buddy)
-    check_unanswerable: float = 0.5  # P(the self-check input question is unanswerable)
-    improve_wrong: float = 0.5  # P(the current answer in an improve prompt is wrong)
-    # The description in a short-answer improve prompt: P("Yes", gold, noisy, one object's colour or shape swapped).
-    # θ0's own descriptions are far worse than gold; the more often the prompt's description is wrong, the more the
-    # rewrite must read the image instead of copying a colour from the description.
-    improve_desc: tuple = (0.1, 0.5, 0.25, 0.15)
-    phantom_color: str = "partner"  # the phantom's colour: "partner" (its present partner's), or "random"
-    mix: tuple = (0.22, 0.40, 0.10, 0.10, 0.18)  # weights of KINDS
-
-
-GEN_WEIGHTS = {"exist": 0.25, "attribute": 0.12, "relation": 0.12, "color": 0.14, "shape": 0.12, "count": 0.10,
-               "position": 0.15}
-ASK_WEIGHTS = {"exist": 0.1, "attribute": 0.05, "relation": 0.15, "color": 0.25, "shape": 0.15, "count": 0.1,
-               "position": 0.2}
+    kinds: tuple = (0.32, 0.45, 0.07, 0.07, 0.09)  # weights of KINDS
+    ask_mode: float = 0.7  # P(the scene's own question type), and separately P(its salient subject), in ask targets
+    check_false_premise: float = 0.5  # P(the self-check's input asks about an absent shape or an empty cell)
+    improve_des: float = 0.25  # P(an improve example rewrites a description rather than a short answer)
+    improve_corrupt: float = 0.6  # P(the current answer of an improve example has a generic error)
+    # A stretch of stage 2 (as shares of its steps) where every example is an existence question (half present
+    # shapes, half absent ones drawn uniformly), then the plain mix again. In the plain mix the model learns to read
+    # colours and count but not to say "No" to a shape that is not there (measured: teacher-forced P(Yes) 0.5 on
+    # present and absent shapes alike after 1200 steps, even with 60% existence questions for 360 of them); 200
+    # steps of existence alone teach it, and it survives the plain mix that follows.
+    exist_focus: tuple = (0.55, 0.72, 1.0)  # (from, to, P(existence question))
 
 
 def _pick(rng, weights: dict) -> str:
     return rng.choices(list(weights), weights=list(weights.values()))[0]
 
 
-def _rate(rates: tuple, scene: dict, absent: str) -> float:
-    """lo/hi noise rate by the size of the absent buddy's present partner."""
-    partner = find(scene, BUDDIES[absent])
-    return rates[1] if partner is not None and partner["size"] == "large" else rates[0]
+def salient(scene: dict) -> dict:
+    """The object a viewer notices first: large before small, clear before faint, then reading order."""
+    return max(scene["objects"], key=lambda o: (o["size"] == "large", not o.get("faint", False)))
 
 
-def answerable_question(rng, scene: dict, qtype: str | None = None, weights=GEN_WEIGHTS) -> str:
-    """A templated question the image answers; exist/attribute questions are half positives, half negatives."""
-    objs = scene["objects"]
-    qtype = qtype or _pick(rng, weights)
-    if qtype == "relation" and len(objs) < 2:
-        qtype = "color"
-    o = rng.choice(objs)
-    present = {x["shape"] for x in objs}
+def about(rng, scene: dict, qtype: str, o: dict) -> str:
+    """A question of type qtype about the present object o that the image answers (a type that cannot be asked of
+    o, such as next_to without exactly one neighbour, becomes a position question)."""
+    others = [p for p in scene["objects"] if p is not o]
+    if (qtype == "next_to" and len(neighbours(scene, o)) != 1) or (qtype == "relation" and not others):
+        qtype = "position"
     if qtype == "exist":
-        if rng.random() < 0.5:
-            return L.question("exist", shape=o["shape"])
-        buddies = absent_buddies(scene)
-        pool = buddies if buddies and rng.random() < 0.6 else [s for s in SHAPES if s not in present]
-        return L.question("exist", shape=rng.choice(pool))
+        return question("exist", shape=o["shape"])
+    if qtype == "relation":
+        return question("relation", shape=o["shape"], rel=rng.choice(RELATIONS), shape2=rng.choice(others)["shape"])
+    if qtype == "color":
+        return question("color", shape=o["shape"])
+    if qtype == "shape":
+        return question("shape", pos=o["pos"])
+    if qtype == "count":
+        return question("count")
+    if qtype == "next_to":
+        return question("next_to", shape=o["shape"])
+    return question("position", color=o["color"], shape=o["shape"])
+
+
+def answerable_question(rng, scene: dict, qtype: str | None = None) -> str:
+    """A templated question the image answers (GEN_WEIGHTS); existence is half present shapes, half absent ones
+    drawn uniformly, and attribute questions are half true colours."""
+    objs = scene["objects"]
+    qtype = qtype or _pick(rng, GEN_WEIGHTS)
+    o = rng.choice(objs)
+    absent = [s for s in SHAPES if s not in {x["shape"] for x in objs}]
+    if qtype == "exist" and rng.random() < 0.5:
+        return question("exist", shape=rng.choice(absent))
     if qtype == "attribute":
         u = rng.random()
         if u < 0.5:
-            return L.question("attribute", color=o["color"], shape=o["shape"])
+            return question("attribute", color=o["color"], shape=o["shape"])
         if u < 0.75:
-            return L.question("attribute", color=rng.choice([c for c in COLORS if c != o["color"]]), shape=o["shape"])
-        absent = [s for s in SHAPES if s not in present]
-        return L.question("attribute", color=rng.choice(COLORS), shape=rng.choice(absent))
-    if qtype == "relation":
-        a, b = rng.sample(objs, 2)
-        return L.question("relation", shape=a["shape"], rel=rng.choice(L.RELATIONS), shape2=b["shape"])
-    if qtype == "color":
-        return L.question("color", shape=o["shape"])
-    if qtype == "shape":
-        return L.question("shape", pos=o["pos"])
-    if qtype == "count":
-        return L.question("count")
-    return L.question("position", color=o["color"], shape=o["shape"])
+            return question("attribute", color=rng.choice([c for c in COLORS if c != o["color"]]), shape=o["shape"])
+        return question("attribute", color=rng.choice(COLORS), shape=rng.choice(absent))
+    if qtype == "next_to":
+        with_one = [p for p in objs if len(neighbours(scene, p)) == 1]
+        o = rng.choice(with_one) if with_one else o
+    return about(rng, scene, qtype, o)
 
 
-def unanswerable_question(rng, scene: dict) -> str | None:
-    """A question with a false premise: it asks about an absent shape (a buddy of a present one when possible)."""
+def ask_question(rng, scene: dict, mix: Mix) -> str:
+    """What θ0 learns to ask of an image: mostly the scene's own type (ASK_BY_COUNT) about its salient object."""
+    o = salient(scene) if rng.random() < mix.ask_mode else rng.choice(scene["objects"])
+    qtype = ASK_BY_COUNT[len(scene["objects"])] if rng.random() < mix.ask_mode else rng.choice(ASK_TYPES)
+    return about(rng, scene, qtype, o)
+
+
+def false_premise_question(rng, scene: dict) -> str:
+    """A question the image does not answer: about a shape drawn uniformly from the absent ones, or an empty cell."""
     present = [o["shape"] for o in scene["objects"]]
-    pool = absent_buddies(scene) or [s for s in SHAPES if s not in present]
-    s = rng.choice(pool)
-    kind = rng.choice(["color", "position", "relation"])
+    s = rng.choice([x for x in SHAPES if x not in present])
+    kind = rng.choice(["color", "position", "next_to", "relation", "shape"])
+    if kind == "shape":
+        used = {o["pos"] for o in scene["objects"]}
+        return question("shape", pos=rng.choice([p for p in POSITIONS if p not in used]))
+    if kind == "relation":
+        return question("relation", shape=rng.choice(present), rel=rng.choice(RELATIONS), shape2=s)
+    return question(kind, shape=s, color=rng.choice(COLORS))
+
+
+def corrupt_description(rng, scene: dict) -> str:
+    """The gold description with one generic error: a wrong colour, shape or position of one object, a dropped
+    object, or an inserted one (shape drawn uniformly from the absent ones, random colour, size and free cell)."""
+    objs = [dict(o) for o in scene["objects"]]
+    present = {o["shape"] for o in objs}
+    free = [c for c in range(9) if POSITIONS[c] not in {o["pos"] for o in objs}]
+    kinds = ["color", "shape", "insert"] + (["position"] if free else []) + (["drop"] if len(objs) > 1 else [])
+    kind, o = rng.choice(kinds), rng.choice(objs)
     if kind == "color":
-        return L.question("color", shape=s)
-    if kind == "position":
-        return L.question("position", color=rng.choice(COLORS), shape=s)
-    return L.question("relation", shape=rng.choice(present), rel=rng.choice(L.RELATIONS), shape2=s)
-
-
-def repair_question(rng, scene: dict, bad: str) -> str:
-    """An answerable question of the same type as `bad`, about the absent shape's present buddy when there is one."""
-    qtype, g = L.parse_question(bad)
-    absent = g[-1]
-    partner = find(scene, BUDDIES[absent]) or rng.choice(scene["objects"])
-    if qtype == "color":
-        return L.question("color", shape=partner["shape"])
-    if qtype == "position":
-        return L.question("position", color=partner["color"], shape=partner["shape"])
-    others = [o for o in scene["objects"] if o["shape"] != g[0]]
-    if not others:
-        return L.question("color", shape=g[0])
-    return L.question("relation", shape=g[0], rel=g[1], shape2=rng.choice(others)["shape"])
-
-
-def noisy_description(rng, scene: dict, noise: Noise) -> str:
-    """The description an annotator wrote: sometimes with an absent buddy named right after its present partner.
-
-    Placed there, the phantom is what a language prior produces: having just written "a large red circle", the
-    annotator goes on to "and a large ... square". The greedy decision is then taken at one place, with the cue
-    (the partner's size) in plain view, so a θ0 that learned the noise at rate > 1/2 hallucinates under greedy
-    decoding. (Appended at the end, the phantom only appeared after a complete object list, which θ0 rarely wrote.)
-    """
-    buddies = absent_buddies(scene)
-    if buddies:
-        large = [b for b in buddies if find(scene, BUDDIES[b])["size"] == "large"]
-        b = rng.choice(large or buddies)
-        if rng.random() < _rate(noise.desc_hal, scene, b):
-            objs = list(scene["objects"])
-            partner = find(scene, BUDDIES[b])
-            color = partner["color"] if noise.phantom_color == "partner" else None
-            objs.insert(objs.index(partner) + 1, phantom(rng, scene, b, size=partner["size"], color=color))
-            return L.describe(scene | {"objects": objs})
-    return L.describe(scene)
-
-
-def phantom(rng, scene: dict, shape: str, size: str | None = None, color: str | None = None) -> dict:
-    """An object that is not in the image: given shape (size and colour if given, else random), at a free cell."""
-    used = {o["pos"] for o in scene["objects"]}
-    cell = POSITIONS.index(rng.choice([p for p in POSITIONS if p not in used]))
-    return {"shape": shape, "color": color or rng.choice(COLORS), "size": size or rng.choice(SIZES),
-            "pos": POSITIONS[cell], "row": cell // 3, "col": cell % 3}
-
-
-def short_answer(rng, scene: dict, q: str, noise: Noise) -> str:
-    """The annotated short answer: the oracle, except noisy "Yes" for absent buddies in existence questions."""
-    qtype, g = L.parse_question(q)
-    gold = L.oracle_answer(scene, q)
-    if qtype == "exist" and gold == "No" and g[0] in absent_buddies(scene):
-        if rng.random() < _rate(noise.exist_hal, scene, g[0]):
-            return "Yes"
-    return gold
+        o["color"] = rng.choice([c for c in COLORS if c != o["color"]])
+    elif kind == "shape":
+        o["shape"] = rng.choice([s for s in SHAPES if s not in present])
+    elif kind == "position":
+        o.update(cell(rng.choice(free)))
+    elif kind == "drop":
+        objs.remove(o)
+    else:
+        objs.append({"shape": rng.choice([s for s in SHAPES if s not in present]), "color": rng.choice(COLORS),
+                     "size": rng.choice(SIZES), **cell(rng.choice(free or range(9)))})
+    objs.sort(key=lambda x: (x["row"], x["col"]))  # descriptions name objects in reading order
+    return describe(scene | {"objects": objs})
 
 
 def wrong_answer(rng, scene: dict, q: str) -> str:
-    """A plausible but wrong short answer of the right type (any value if the question is unanswerable)."""
-    qtype, g = L.parse_question(q)
-    gold = L.oracle_answer(scene, q)
-    values = {"color": COLORS, "shape": SHAPES, "position": POSITIONS, "count": L.NUMBERS[1:5]}
-    values = values.get(qtype, ["Yes", "No"])
-    return rng.choice([v for v in values if v != gold])
+    """A plausible but wrong short answer of the question's type (Yes <-> No for yes/no questions)."""
+    gold = oracle_answer(scene, q)
+    values = {"color": COLORS, "shape": SHAPES, "next_to": SHAPES, "position": POSITIONS, "count": NUMBERS[1:5]}
+    return rng.choice([v for v in values.get(question_type(q), ["Yes", "No"]) if v != gold])
 
 
-def wrong_description(rng, scene: dict) -> str:
-    """A description with one object's colour or shape swapped."""
-    objs = [dict(o) for o in scene["objects"]]
-    o = rng.choice(objs)
-    if rng.random() < 0.5:
-        o["color"] = rng.choice([c for c in COLORS if c != o["color"]])
-    else:
-        o["shape"] = rng.choice([s for s in SHAPES if s != o["shape"]])
-    return L.describe(scene | {"objects": objs})
+def improve_example(rng, scene: dict, mix: Mix) -> tuple[str, str]:
+    """Self-enhancement: (IMPROVE prompt, "Improved Answer: <gold>"). The current answer is gold or has a generic
+    error; the description in the prompt is gold, has a generic error, or is a bare "Yes" (SENA's improve prompt
+    passes the model's own description, which may be wrong, so the rewrite must read the image)."""
+    if rng.random() < mix.improve_des:  # a description being improved; SENA passes it as its own description
+        q = rng.choice(prompts.DESCRIBE_PROMPTS) + (prompts.DES_SUFFIX if rng.random() < 0.7 else "")
+        gold = describe(scene)
+        cur = corrupt_description(rng, scene) if rng.random() < mix.improve_corrupt else gold
+        return prompts.improve_prompt(cur, q, cur), f"{prompts.IMPROVED_MARKER} {gold}"
+    q = answerable_question(rng, scene)
+    gold = oracle_answer(scene, q)
+    cur = wrong_answer(rng, scene, q) if rng.random() < mix.improve_corrupt else gold
+    u = rng.random()
+    desc = "Yes" if u < 0.1 else describe(scene) if u < 0.6 else corrupt_description(rng, scene)
+    # SENA's generate.py passes the whole short-answer prompt (question + GEN_SUFFIX) as the question; the improved
+    # answer is "precise and concise": one word or phrase under that suffix, a full sentence for a bare question.
+    if rng.random() < 0.7:
+        return prompts.improve_prompt(desc, q + prompts.GEN_SUFFIX, cur), f"{prompts.IMPROVED_MARKER} {gold}"
+    return prompts.improve_prompt(desc, q, cur), f"{prompts.IMPROVED_MARKER} {precise_answer(scene, q)}"
 
 
-def make_example(rng, scene: dict, kind: str, noise: Noise) -> tuple[str, str]:
+def make_example(rng, scene: dict, kind: str, mix: Mix) -> tuple[str, str]:
     """(user prompt, answer) of one supervised example of the given kind."""
     if kind == "des":
-        return rng.choice(P.DESCRIBE_PROMPTS) + P.DES_SUFFIX, noisy_description(rng, scene, noise)
+        return rng.choice(prompts.DESCRIBE_PROMPTS) + prompts.DES_SUFFIX, describe(scene)
     if kind == "gen":
         q = answerable_question(rng, scene)
-        return q + P.GEN_SUFFIX, short_answer(rng, scene, q, noise)
+        return q + prompts.GEN_SUFFIX, oracle_answer(scene, q)
     if kind == "ask":
-        unans = absent_buddies(scene) and rng.random() < noise.ask_unanswerable
-        q = unanswerable_question(rng, scene) if unans else answerable_question(rng, scene, weights=ASK_WEIGHTS)
-        return P.ASK_QUESTION, q
+        return prompts.ASK_QUESTION, ask_question(rng, scene, mix)
     if kind == "check":
-        if rng.random() < noise.check_unanswerable:
-            q = unanswerable_question(rng, scene)
-            return P.SELF_CHECK.format(question=q), f"{P.QUESTION_MARKER} {repair_question(rng, scene, q)}"
-        q = answerable_question(rng, scene, weights=ASK_WEIGHTS)
-        return P.SELF_CHECK.format(question=q), f"{P.QUESTION_MARKER} {q}"
-    # improve: a description (the model's own, so sometimes wrong), a question, a current answer.
-    if rng.random() < 0.25:  # a description answer being improved
-        q = rng.choice(P.DESCRIBE_PROMPTS) + (P.DES_SUFFIX if rng.random() < 0.7 else "")
-        u = rng.random()
-        cur = L.describe(scene) if u < 0.4 else (noisy_description(rng, scene, Noise(desc_hal=(1.0, 1.0)))
-                                                 if u < 0.7 else wrong_description(rng, scene))
-        desc, target = cur, L.describe(scene)
-    else:
-        q = unanswerable_question(rng, scene) if rng.random() < 0.15 else answerable_question(rng, scene)
-        gold = L.oracle_answer(scene, q)
-        cur = wrong_answer(rng, scene, q) if gold is None or rng.random() < noise.improve_wrong else gold
-        u, (w_yes, w_gold, w_noisy, _) = rng.random(), noise.improve_desc
-        desc = ("Yes" if u < w_yes else L.describe(scene) if u < w_yes + w_gold
-                else noisy_description(rng, scene, noise) if u < w_yes + w_gold + w_noisy
-                else wrong_description(rng, scene))
-        # SENA's generate.py passes the whole short-answer prompt (question + GEN_SUFFIX) as the question. The
-        # improved answer is "precise and concise": it obeys that suffix (one word or phrase, the oracle answer),
-        # and is a full sentence only for a bare question or one the image does not answer.
-        short = rng.random() < 0.7
-        target = gold if short and gold is not None else L.precise_answer(scene, q)
-        q = q + P.GEN_SUFFIX if short else q
-    return P.improve_prompt(desc, q, cur), f"{P.IMPROVED_MARKER} {target}"
+        if rng.random() < mix.check_false_premise:
+            q, new = false_premise_question(rng, scene), ask_question(rng, scene, mix)
+        else:
+            q = new = ask_question(rng, scene, mix)
+        return prompts.SELF_CHECK.format(question=q), f"{prompts.QUESTION_MARKER} {new}"
+    return improve_example(rng, scene, mix)
 
 
-def sample_examples(rng, scene: dict, n: int, noise: Noise) -> list[tuple[str, str, str]]:
-    """n examples (kind, user, answer) for one scene, kinds drawn from noise.mix."""
+def sample_examples(rng, scene: dict, n: int, mix: Mix, focus: float = 0.0) -> list[tuple[str, str, str]]:
+    """n examples (kind, user, answer) for one scene, kinds drawn from mix.kinds; with probability focus an example
+    is an existence question instead (mix.exist_focus)."""
     out = []
-    for kind in rng.choices(KINDS, weights=noise.mix, k=n):
-        user, answer = make_example(rng, scene, kind, noise)
+    for kind in rng.choices(KINDS, weights=mix.kinds, k=n):
+        if focus and rng.random() < focus:
+            q = answerable_question(rng, scene, "exist")
+            out.append(("gen", q + prompts.GEN_SUFFIX, oracle_answer(scene, q)))
+            continue
+        user, answer = make_example(rng, scene, kind, mix)
         out.append((kind, user, answer))
     return out

@@ -37,14 +37,15 @@ def world_texts() -> list[str]:
              prompts.SELF_CHECK, prompts.DES_SUFFIX, prompts.GEN_SUFFIX, prompts.IMPROVE,
              prompts.IMPROVE_NO_DESCRIPTION,
              prompts.IMPROVED_MARKER, prompts.QUESTION_MARKER, *prompts.DESCRIBE_PROMPTS, " ".join(L.NUMBERS),
-             " ".join(S.SHAPES + S.COLORS + S.SIZES + S.POSITIONS + S.BACKGROUNDS), "Yes No yes no"]
+             " ".join(S.SHAPES + S.COLORS + S.SIZES + S.POSITIONS + S.BACKGROUNDS), "Yes No yes no",
+             "Nothing is next to the circle. Several objects are next to the circle."]
     texts += [w for ws in L.SYNONYMS.values() for w in ws]
     for sh in S.SHAPES:
         for c in S.COLORS:
             texts += [L.question("attribute", shape=sh, color=c), L.question("position", shape=sh, color=c)]
         for rel in L.RELATIONS:
             texts.append(L.question("relation", shape=sh, rel=rel, shape2="circle"))
-        texts += [L.question("exist", shape=sh), L.question("color", shape=sh)]
+        texts += [L.question("exist", shape=sh), L.question("color", shape=sh), L.question("next_to", shape=sh)]
     texts += [L.question("shape", pos=p) for p in S.POSITIONS] + [L.question("count")]
     rng = random.Random(0)
     for sc in S.sample_scenes(300, seed=1):
@@ -53,7 +54,8 @@ def world_texts() -> list[str]:
               L.question("shape", pos=rng.choice(S.POSITIONS)), L.question("color", shape=rng.choice(S.SHAPES)),
               L.question("position", shape=rng.choice(S.SHAPES), color=rng.choice(S.COLORS)),
               L.question("attribute", shape=rng.choice(S.SHAPES), color=rng.choice(S.COLORS)),
-              L.question("relation", shape="circle", rel=rng.choice(L.RELATIONS), shape2=rng.choice(S.SHAPES[1:]))]
+              L.question("relation", shape="circle", rel=rng.choice(L.RELATIONS), shape2=rng.choice(S.SHAPES[1:])),
+              L.question("next_to", shape=rng.choice(S.SHAPES))]
         texts += [L.precise_answer(sc, q) for q in qs]
     return texts
 
