@@ -44,16 +44,18 @@ def main(argv=None):
                    help="train.py --ablation values; 'none' is full SENA")
     p.add_argument("--n-iters", type=int, default=3, help="SENA rounds per run")
     p.add_argument("--out", default="runs/ablation", help="parent folder of the runs")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs torch threads)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs; give 1 "
+                   "when another job shares the cores)")
     p.add_argument("--train-args", default="", help="extra train.py arguments, one string")
     p.add_argument("--eval", choices=["every", "last"], default="every",
                    help="benchmark every round's model, or only the last one's (train.py --no-eval, then evaluate.py "
-                   "on round n: a quarter of the evaluation time on a large test split, no per-round curve)")
+                   "on round n, and on round 1 of full SENA for the mechanism: no per-round curve)")
     args = p.parse_args(argv)
     out = os.path.join(ROOT, args.out) if not os.path.isabs(args.out) else args.out
     os.makedirs(out, exist_ok=True)
-    env_threads = str(max(1, (os.cpu_count() or 2) // args.jobs))
-    shared = theta0_evaluated_once(out, args.train_args.split(), str(os.cpu_count() or 2))
+    env_threads = str(args.threads or max(1, (os.cpu_count() or 2) // args.jobs))
+    shared = theta0_evaluated_once(out, args.train_args.split(), str(args.threads or os.cpu_count() or 2))
 
     def one(seed, variant):
         run_dir = os.path.join(out, f"s{seed}-{variant}")
@@ -65,14 +67,16 @@ def main(argv=None):
             if not os.path.exists(dst):
                 (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
         rc = run(cmd, os.path.join(run_dir, "train.log"), env_threads)
-        last = os.path.join(run_dir, f"iter_{args.n_iters}", "model")
-        if rc == 0 and args.eval == "last" and not os.path.exists(os.path.join(last, "metrics.json")):
-            rc = run([sys.executable, "evaluate.py", "--model", last, "--test-dir", os.path.join(run_dir, "test")],
-                     os.path.join(run_dir, "evaluate.log"), env_threads)
+        # --eval last: the last round, and round 1 of full SENA for the mechanism's flipped existence answers.
+        for k in sorted({args.n_iters, *([1] if variant == "none" else [])}) if args.eval == "last" else []:
+            model = os.path.join(run_dir, f"iter_{k}", "model")
+            if rc == 0 and not os.path.exists(os.path.join(model, "metrics.json")):
+                rc = run([sys.executable, "evaluate.py", "--model", model, "--test-dir", os.path.join(run_dir, "test")],
+                         os.path.join(run_dir, f"evaluate_{k}.log"), env_threads)
         print(f"seed {seed} {variant}: exit {rc}", flush=True)
         return rc
 
-    jobs = [(s, v) for s in args.seeds for v in args.variants]
+    jobs = [(s, v) for v in args.variants for s in args.seeds]  # full SENA on every seed first
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda sv: one(*sv), jobs))
     table(out, args.seeds, args.variants, args.n_iters)

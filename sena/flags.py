@@ -81,7 +81,7 @@ def train_flags():
                                              "ships, sena/world/theta0)")),
         ("--rebuild-theta0", dict(action="store_true",
                                   help="build a fresh world θ0 from --seed in the run directory instead (python -m "
-                                       "sena.world.build; about 21 minutes on 2 CPU cores)")),
+                                       "sena.world.build; about 25 minutes on 2 CPU cores)")),
         ("--ablation", dict(choices=list(ABLATIONS), default="none",
                             help="no-sq: no self-check; no-se: no self-enhancement; no-ica: λ=0; seva: all three off")),
         ("--beta", dict(type=cli.positive_float, default=0.1,

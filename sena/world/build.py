@@ -39,7 +39,7 @@ from sena.world.encoder import cell_targets, pretrain_vision, tower_report
 from sena.world.render import IMAGE_SIZE, render
 from sena.world.scenes import sample_scenes
 from sena.world.stage2 import train_stage2
-from sena.world.tasks import Mix
+from sena.world.tasks import GEN_WEIGHTS, Mix
 from sena.world.theta0 import check_recipe, is_complete, weights_hash
 from sena.world.tokenizer import build_tokenizer, save_tokenizer
 
@@ -49,7 +49,8 @@ MODEL = dict(vision_hidden=256, vision_layers=3, vision_heads=4, text_hidden=256
              text_kv_heads=4, text_intermediate=704, patch=24, tie=False, select="full")
 TRAIN = dict(n_scenes=30000,
              vision_steps=2000, vision_batch=128, vision_lr=1e-3, vision_warmup=100, vision_noise=(0.5, 1, 1000),
-             steps=1200, batch_size=32, per_image=4, lr=5e-4, warmup=100, lr_floor=0.1, weight_decay=0.01,
+             steps=1008, exist_steps=256, exist_lr=2e-4, settle_steps=176, settle_lr=1e-4,
+             batch_size=32, per_image=4, lr=5e-4, warmup=100, lr_floor=0.1, weight_decay=0.01,
              betas=(0.9, 0.98), clip=1.0, stage2_noise=(0.3, 1, 1000), align=0.5)
 # The validation split that θ0's metrics in meta.json (and the choice among θ0 seeds) are measured on; SENA's results
 # use evaluate.py's test split, which is drawn apart (another seed and prefix).
@@ -157,7 +158,8 @@ def build_theta0(out, seed=0, mix: Mix | None = None, device="cpu", threads=None
     """
     mix = mix or Mix()
     tr = TRAIN | train_over
-    recipe = {"seed": seed, "train": tr, "model": MODEL | (model_over or {}), "mix": vars(mix)}  # meta.json's
+    recipe = {"seed": seed, "train": tr, "model": MODEL | (model_over or {}), "mix": vars(mix),
+              "questions": GEN_WEIGHTS}  # meta.json's
     if is_complete(out):
         check_recipe(out, recipe)
         print(f"theta0: {out} exists and is complete; reusing it")
@@ -242,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader processes for stage 2 (default: 0 on CPU, "
                     "8 on CUDA)")
-    ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="stage-2 optimizer steps")
+    ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="stage-2 steps of the instruction mix (then "
+                    "the existence and settle phases: sena/world/data.py, phases)")
     args = ap.parse_args(argv)
     build_theta0(args.out, seed=args.seed, device=args.device, threads=args.threads, workers=args.workers,
                  steps=args.steps)

@@ -18,6 +18,23 @@ from sena.chat import build_example
 from sena.world.render import render
 from sena.world.tasks import sample_examples
 
+def phases(tr) -> list[tuple[str, int]]:
+    """Stage 2's phases in order, (name, steps): "mix", the instruction mix under warmup and cosine decay;
+    "exist", existence questions only, at the constant tr["exist_lr"]; "settle", the mix again at the constant
+    tr["settle_lr"] (sena/world/stage2.py, stage2_lr). Why the existence phase: docs/world.md."""
+    return [(name, n) for name, n in (("mix", tr["steps"]), ("exist", tr["exist_steps"]),
+                                      ("settle", tr["settle_steps"])) if n > 0]
+
+
+def total_steps(tr) -> int:
+    return sum(n for _, n in phases(tr))
+
+
+def windows(tr) -> list[tuple[str, int]]:
+    """(phase, steps) of each window of at most WINDOW steps; a window never spans two phases."""
+    return [(name, min(WINDOW, n - i)) for name, n in phases(tr) for i in range(0, n, WINDOW)]
+
+
 WINDOW = 16  # steps whose rows are drawn together and sorted by length, so a batch holds rows of similar length
 
 
@@ -87,15 +104,14 @@ class MixWindows(torch.utils.data.Dataset):
         self.prefix_len = None
 
     def __len__(self):
-        return math.ceil(self.tr["steps"] / WINDOW)
+        return len(windows(self.tr))
 
     def __getitem__(self, w):
         tr = self.tr
         rng = seeds.rng(self.seed, "stage2", w)
         share, t_min, t_max = tr["stage2_noise"]
-        n_steps = min(WINDOW, tr["steps"] - w * WINDOW)
-        lo, hi, p = self.mix.exist_focus
-        focus = p if lo * tr["steps"] <= w * WINDOW < hi * tr["steps"] else 0.0
+        phase, n_steps = windows(tr)[w]
+        focus = 1.0 if phase == "exist" else 0.0
         rows = []
         for _ in range(n_steps * tr["batch_size"]):
             i = rng.randrange(len(self.scenes))

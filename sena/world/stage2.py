@@ -11,7 +11,19 @@ import torch.nn.functional as F
 from sena.losses import IGNORE_INDEX
 from sena.noise import add_diffusion_noise
 from sena.schedule import lr_at
+from sena.world.data import phases, total_steps
 from sena.world.encoder import autocast, pixels
+
+
+def stage2_lr(step, tr) -> float:
+    """The learning rate of stage 2's step `step`: in the "mix" phase, warmup then cosine decay to
+    tr["lr_floor"]·lr over its tr["steps"] steps; in the "exist" and "settle" phases (sena/world/data.py, phases),
+    their own constant rates."""
+    for name, n in phases(tr):
+        if step < n:
+            return lr_at(step, n, tr["lr"], tr["warmup"], tr["lr_floor"]) if name == "mix" else tr[f"{name}_lr"]
+        step -= n
+    raise ValueError(f"step beyond stage 2's {total_steps(tr)} steps")
 
 
 def answer_loss(model, batch, pixel_values=None, image_features=None):
@@ -66,7 +78,7 @@ def stage2_features(model, images, batch, image_cfg, gen, device):
 def train_stage2(model, images, data, image_cfg, tr, gen, device="cpu", bf16=False, workers=0, log_every=50,
                  log=print, cell_words=None) -> list[float]:
     """Stage 2's loop: projector + language model (the tower is frozen), AdamW (no decay on norms and biases),
-    warmup then cosine to tr["lr_floor"]·lr, clipping; answer_loss on MixWindows' packed batches, plus tr["align"]
+    stage2_lr's schedule, clipping; answer_loss on MixWindows' packed batches, plus tr["align"]
     times input_alignment when cell_words (N, n_image_tokens, 2), each scene's colour and shape word per image token,
     is given.
     Returns the per-step losses (the answer loss)."""
@@ -78,7 +90,7 @@ def train_stage2(model, images, data, image_cfg, tr, gen, device="cpu", bf16=Fal
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None)
     model.train()
-    losses, aligns, t0, step = [], [], time.time(), 0
+    losses, aligns, t0, step, total = [], [], time.time(), 0, total_steps(tr)
     for window in loader:
         for batch in window:
             batch = {k: v.to(device, non_blocking=True) if k not in ("image", "t") else v for k, v in batch.items()}
@@ -90,18 +102,18 @@ def train_stage2(model, images, data, image_cfg, tr, gen, device="cpu", bf16=Fal
                     loss = answer + tr["align"] * align
                     aligns.append(align.item())
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, tr["steps"], tr["lr"], tr["warmup"], tr["lr_floor"])
+                g["lr"] = stage2_lr(step, tr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], tr["clip"])
             opt.step()
             losses.append(answer.item())
-            if log_every and (step % log_every == 0 or step == tr["steps"] - 1):
+            if log_every and (step % log_every == 0 or step == total - 1):
                 avg = sum(losses[-log_every:]) / len(losses[-log_every:])
                 el = time.time() - t0
-                eta = el / (step + 1) * (tr["steps"] - step - 1)
+                eta = el / (step + 1) * (total - step - 1)
                 align = f" | align {sum(aligns[-log_every:]) / len(aligns[-log_every:]):.4f}" if aligns else ""
-                log(f"theta0 stage 2 step {step:05d}/{tr['steps']} | loss {avg:.4f}{align} | gnorm {gnorm:.2f} | "
+                log(f"theta0 stage 2 step {step:05d}/{total} | loss {avg:.4f}{align} | gnorm {gnorm:.2f} | "
                     f"lr {opt.param_groups[0]['lr']:.2e} | {el:.0f}s, eta {eta:.0f}s")
             step += 1
     return losses

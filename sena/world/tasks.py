@@ -48,12 +48,6 @@ class Mix:
     check_false_premise: float = 0.5  # P(the self-check's input asks about an absent shape or an empty cell)
     improve_des: float = 0.25  # P(an improve example rewrites a description rather than a short answer)
     improve_corrupt: float = 0.6  # P(the current answer of an improve example has a generic error)
-    # A stretch of stage 2 (as shares of its steps) where every example is an existence question (half present
-    # shapes, half absent ones drawn uniformly), then the plain mix again. In the plain mix the model learns to read
-    # colours and count but not to say "No" to a shape that is not there (measured: teacher-forced P(Yes) 0.5 on
-    # present and absent shapes alike after 1200 steps, even with 60% existence questions for 360 of them); 200
-    # steps of existence alone teach it, and it survives the plain mix that follows.
-    exist_focus: tuple = (0.55, 0.72, 1.0)  # (from, to, P(existence question))
 
 
 def _pick(rng, weights: dict) -> str:
@@ -199,7 +193,7 @@ def make_example(rng, scene: dict, kind: str, mix: Mix) -> tuple[str, str]:
 
 def sample_examples(rng, scene: dict, n: int, mix: Mix, focus: float = 0.0) -> list[tuple[str, str, str]]:
     """n examples (kind, user, answer) for one scene, kinds drawn from mix.kinds; with probability focus an example
-    is an existence question instead (mix.exist_focus)."""
+    is an existence question instead (stage 2's existence phase, sena/world/data.py)."""
     out = []
     for kind in rng.choices(KINDS, weights=mix.kinds, k=n):
         if focus and rng.random() < focus:

@@ -66,13 +66,13 @@ class RecipeError(UserError):
 
 
 def check_recipe(out, recipe):
-    """Refuse a cached θ0 built with another recipe (seed, train, model, mix) than the one asked for: it would be
+    """Refuse a cached θ0 built with another recipe (seed, train, model, mix, question weights) than the one asked for: it would be
     reused silently and every number after it would belong to another θ0."""
     path = os.path.join(out, "meta.json")
     meta = read_json(path)
     asked = json.loads(json.dumps(recipe))  # as meta.json holds it: tuples -> lists
     diffs = [f"seed {meta['seed']} (asked {asked['seed']})"] if meta.get("seed") != asked["seed"] else []
-    for part in ("train", "model", "mix"):
+    for part in ("train", "model", "mix", "questions"):
         have = meta.get(part, {})
         diffs += [f"{part}.{k} {have.get(k)} (asked {v})" for k, v in asked[part].items() if have.get(k) != v]
     if diffs:
