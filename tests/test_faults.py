@@ -146,12 +146,19 @@ def test_a_second_run_on_the_run_dir_is_refused_naming_the_first(tmp_path, tiny_
     assert "done already" in capsys.readouterr().out
 
 
+def _default_sigint():
+    # A shell's background job (nohup cmd &, a CI step) starts with SIGINT ignored, and a child inherits that, so
+    # the run would never see the Ctrl-C; a user's terminal gives the default, as this does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_and_sigterm_say_the_same_command_resumes(tmp_path, tiny_round, capsys):
     _, _, _, command = tiny_round
     cmd = [sys.executable, "train.py", *command(tmp_path / "run", epochs=10)]
     log = tmp_path / "run" / "iter_1" / "log.jsonl"
     for sig, code, how in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)
         target = lines(log) + 3
         wait_for(proc, lambda n=target: lines(log) >= n)
         proc.send_signal(sig)
