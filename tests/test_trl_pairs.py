@@ -76,7 +76,7 @@ def test_trl_vision_collator_builds_our_exact_sequences(round_dir):
     ds = datasets.load_dataset("json", data_files=str(round_dir / "round" / "pairs.jsonl"), split="train")
     root = json.loads((round_dir / "round" / "report.json").read_text())["image_root"]
     raw = [dict(r) for r in ds]
-    # The recipe (README): join images to the image root; drop the single-path `image` column, which TRL's collator
+    # The recipe (docs/usage.md): join images to the image root; drop the single-path `image` column, which TRL's collator
     # would take in place of `images`; put the prompt in LLaVA's v1 text and end each answer with </s>.
     trl_ds = ds.map(lambda e: {"images": [os.path.join(root, p) for p in e["images"]],
                                "prompt": tok.bos_token + prompt_text(e["prompt"]),
