@@ -14,6 +14,7 @@ from sena import prompts as P
 from sena.chat import encode_prompt
 from sena.world import (
     COOC,
+    SHAPES,
     buddy_rate,
     describe,
     mentioned_shapes,
@@ -228,6 +229,37 @@ def test_existence_phase_and_the_stage2_schedule(tok):
     data = MixWindows(scenes, tok, tr, Mix(), 10, tok.convert_tokens_to_ids("<image>"), 0)
     assert len(data) == 6
     assert exist_share(3) == exist_share(4) == 1.0 and exist_share(0) < 0.3 and exist_share(5) < 0.3
+
+
+def test_descriptions_by_kind_name_every_object_once_with_buddies_side_by_side(tmp_path):
+    """describe(order="kind") names the same object phrases as reading order, sorted by shape in SHAPES' order (so a
+    buddy follows its partner); θ0's mix, self-enhancement targets and corruptions follow Mix.des_order; an unknown
+    order is refused; a meta.json written before des_order existed stands for reading order and no other."""
+    from sena.world.tasks import corrupt_description
+    from sena.world.theta0 import RecipeError, check_recipe
+
+    assert describe(SCENE, "kind") == ("There is a small red circle at the top left, a small green square at the "
+                                       "bottom right and a large blue star in the center.")
+    with pytest.raises(ValueError, match="order 'shuffled'"):
+        describe(SCENE, "shuffled")
+    phrases = lambda text: sorted(re.split(r", | and ", text.removeprefix("There is ").removesuffix(".")))  # noqa
+    rng, mix = random.Random(4), Mix(des_order="kind")
+    for sc in sample_scenes(200, seed=8):
+        text = describe(sc, "kind")
+        assert phrases(text) == phrases(describe(sc))
+        named = mentioned_shapes(text)
+        assert named == sorted(named, key=SHAPES.index) and len(named) == len(sc["objects"])
+        assert make_example(rng, sc, "des", mix)[1] == text
+        wrong = corrupt_description(rng, sc, "kind")
+        assert wrong != text and mentioned_shapes(wrong) == sorted(mentioned_shapes(wrong), key=SHAPES.index)
+        user, answer = make_example(rng, sc, "improve", mix)
+        if user.split("Question: ")[1].split(" Current answer: ")[0].removesuffix(P.DES_SUFFIX) in P.DESCRIBE_PROMPTS:
+            assert answer == f"{P.IMPROVED_MARKER} {text}"
+    recipe = {"seed": 0, "train": {}, "model": {}, "mix": {"des_order": "reading"}, "questions": {}}
+    (tmp_path / "meta.json").write_text(json.dumps({"seed": 0, "mix": {}, "files_sha256": {}}))
+    check_recipe(str(tmp_path), recipe)
+    with pytest.raises(RecipeError, match="mix.des_order reading \\(asked kind\\)"):
+        check_recipe(str(tmp_path), recipe | {"mix": {"des_order": "kind"}})
 
 
 def test_corrupted_descriptions_have_one_generic_error():
@@ -529,13 +561,13 @@ def test_shipped_theta0_matches_its_meta_and_the_recipe():
     from sena.world import SHIPPED_THETA0
     from sena.world.build import MODEL, TRAIN, model_config
     from sena.world.tasks import GEN_WEIGHTS
-    from sena.world.theta0 import verify, weights_hash
+    from sena.world.theta0 import PREDATES, verify, weights_hash
 
     meta = verify(SHIPPED_THETA0)
     # The repository ships the seed of 0 and 1 nearer the band's centre on the validation split (docs/world.md).
     assert meta["complete"] and meta["seed"] in (0, 1) and len(meta["files_sha256"]) >= 4
     want = json.loads(json.dumps({"train": TRAIN, "model": MODEL, "mix": vars(Mix()), "questions": GEN_WEIGHTS}))
-    assert {k: meta[k] for k in want} == want
+    assert {k: PREDATES.get(k, {}) | meta[k] for k in want} == want  # keys newer than the build stand for defaults
     config = read_json(SHIPPED_THETA0, "config.json")
     assert config.pop("dtype") == "float32"  # save_pretrained records the weights' dtype beside the architecture
     assert config == json.loads(json.dumps(model_config(build_tokenizer()).to_hf_dict()))
@@ -582,3 +614,48 @@ def test_shipped_theta0_misses_these_band_criteria():
     assert all(m[f"pope_{s}_f1"] <= 0.90 for s in POPE_SPLITS)
     assert 0.08 <= m["chair_i"] <= 0.20 and m["chair_recall"] >= 0.80
     assert all(0.2 <= m[f"amber_yes_{d}"] <= 0.8 for d in ("attribute", "relation")), m
+
+
+def test_carryover_probe_runs_from_its_command_line_and_trains_on_true_examples(tiny_theta0, tmp_path):
+    """benchmarks/carryover.py: its training examples are gold (descriptions in the order θ0 was taught, or true
+    existence answers, half of them about absent shapes), and its command line writes before/after rates in [0, 1]."""
+    from benchmarks.carryover import gold_example, main
+
+    rng = random.Random(2)
+    answers = []
+    for sc in sample_scenes(200, seed=9, cooc=0.0):
+        assert gold_example(rng, sc, "des", "kind")[1] == describe(sc, "kind")
+        user, answer = gold_example(rng, sc, "exist", "reading")
+        assert user.endswith(P.GEN_SUFFIX) and answer == oracle_answer(sc, user.removesuffix(P.GEN_SUFFIX))
+        answers.append(answer)
+    assert 70 < answers.count("No") < 130, answers.count("No")
+    out = tmp_path / "co.json"
+    main(["--model", tiny_theta0[0], "--steps", "2", "--batch", "2", "--n-probe", "3", "--train", "exist",
+          "--cooc", "0", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["args"]["train"] == "exist" and res["args"]["cooc"] == 0.0
+    for side in ("before", "after"):
+        assert {"yes_absent_buddy", "yes_absent_other", "yes_present", "chair_i", "recall"} <= set(res[side])
+        assert all(0 <= res[side][k] <= 1 for k in ("yes_absent_other", "yes_present", "chair_i", "recall"))
+
+
+def test_theta0_selection_rule_by_hand(tmp_path, capsys):
+    """benchmarks/theta0_band.py: the distance of docs/world.md by hand, and a θ0 inside the band ships before a
+    nearer one outside it (through its command line, from meta.json)."""
+    from benchmarks.theta0_band import criteria, distance, main, pick
+
+    base = {"pope_random_f1": 0.90, "pope_popular_f1": 0.87, "pope_adversarial_f1": 0.84, "chair_i": 0.20,
+            "chair_recall": 0.80, "vqa_overall": 0.62, "fmt_ask_question": 1, "fmt_self_check": 1, "fmt_improve": 1,
+            "amber_yes_existence": 0.5, "amber_yes_attribute": 0.5, "amber_yes_relation": 0.5, "sq_types": 4,
+            "sq_top_type": 0.5}
+    assert distance(base) == pytest.approx((1 + 0 + 1 + 1) / 4) and all(criteria(base).values())
+    near = base | {"pope_random_f1": 0.87, "pope_adversarial_f1": 0.86, "amber_yes_relation": 0.1}  # outside the band
+    assert distance(near) < distance(base) and not criteria(near)["AMBER yes-ratios 20-80"]
+    assert pick({"a": near, "b": base}) == "b" and pick({"a": near, "b": near | {"chair_i": 0.3}}) == "a"
+    for name, m in (("in", base), ("out", near)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"metrics": m}))
+    main([str(tmp_path / "out"), str(tmp_path / "in")])
+    out = capsys.readouterr().out
+    assert "| selection distance | 0.33 | 0.75 |" in out and f"picks {tmp_path / 'in'}" in out, out
+    assert "MISSED" in out.split("AMBER")[1].split("\n")[0]

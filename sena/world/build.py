@@ -36,6 +36,7 @@ from sena.io import atomic_write_bytes, atomic_write_text, sha256_file
 from sena.model import Llava, ModelConfig, TextConfig, VisionConfig
 from sena.world.data import MixWindows, render_all
 from sena.world.encoder import cell_targets, pretrain_vision, tower_report
+from sena.world.language import DES_ORDERS
 from sena.world.render import IMAGE_SIZE, render
 from sena.world.scenes import sample_scenes
 from sena.world.stage2 import train_stage2
@@ -246,9 +247,11 @@ def main(argv=None):
                     "8 on CUDA)")
     ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="stage-2 steps of the instruction mix (then "
                     "the existence and settle phases: sena/world/data.py, phases)")
+    ap.add_argument("--des-order", choices=DES_ORDERS, default=Mix.des_order, help="the order descriptions name "
+                    "objects in: reading order, or by kind (sena/world/language.py, describe)")
     args = ap.parse_args(argv)
-    build_theta0(args.out, seed=args.seed, device=args.device, threads=args.threads, workers=args.workers,
-                 steps=args.steps)
+    build_theta0(args.out, seed=args.seed, mix=Mix(des_order=args.des_order), device=args.device,
+                 threads=args.threads, workers=args.workers, steps=args.steps)
 
 
 def cli_main():

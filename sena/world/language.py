@@ -74,12 +74,26 @@ def object_phrase(o: dict) -> str:
     return f"a {o['size']} {o['color']} {o['shape']} {where(o['pos'])}"
 
 
-def describe(scene: dict) -> str:
-    """One sentence naming every object of scene["objects"] in list order (reading order for a scene record).
+DES_ORDERS = ("reading", "kind")
+
+
+def describe(scene: dict, order: str = "reading") -> str:
+    """One sentence naming every object of scene["objects"]: in list order (reading order for a scene record), or
+    with order="kind" by shape in the fixed order of SHAPES, where buddies stand side by side.
 
     "There is a small red circle at the top left and a large blue star in the center."
+
+    Why "kind": in reading order a description reads the cells one after another, a skill apart from the search
+    that a yes/no question needs ("is a star anywhere?"). Naming objects by kind makes each step of a description
+    that search ("is there a circle? a square? ..."), so the two read out one belief, and the co-occurrence prior
+    enters a description where it enters an answer: right after the buddy's partner is named.
     """
-    phrases = [object_phrase(o) for o in scene["objects"]]
+    objs = scene["objects"]
+    if order == "kind":
+        objs = sorted(objs, key=lambda o: SHAPES.index(o["shape"]))
+    elif order != "reading":
+        raise ValueError(f"description order {order!r} is not one of {DES_ORDERS}")
+    phrases = [object_phrase(o) for o in objs]
     body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"There is {body}."
 
@@ -147,11 +161,11 @@ def oracle_answer(scene: dict, question: str) -> str | None:
     return None if o is None or o["color"] != g[0] else o["pos"]
 
 
-def precise_answer(scene: dict, question: str) -> str:
-    """The full-sentence answer that self-enhancement should produce ("Improved Answer: <this>")."""
+def precise_answer(scene: dict, question: str, order: str = "reading") -> str:
+    """The full-sentence answer that self-enhancement should produce ("Improved Answer: <this>"); order: describe's."""
     p = parse_question(question)
     if p is None:
-        return describe(scene)
+        return describe(scene, order)
     qtype, g = p
     if qtype in ("exist", "attribute"):
         shape = g[-1]

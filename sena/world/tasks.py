@@ -48,6 +48,7 @@ class Mix:
     check_false_premise: float = 0.5  # P(the self-check's input asks about an absent shape or an empty cell)
     improve_des: float = 0.25  # P(an improve example rewrites a description rather than a short answer)
     improve_corrupt: float = 0.6  # P(the current answer of an improve example has a generic error)
+    des_order: str = "reading"  # the order a description names objects in (sena/world/language.py, describe)
 
 
 def _pick(rng, weights: dict) -> str:
@@ -122,7 +123,7 @@ def false_premise_question(rng, scene: dict) -> str:
     return question(kind, shape=s, color=rng.choice(COLORS))
 
 
-def corrupt_description(rng, scene: dict) -> str:
+def corrupt_description(rng, scene: dict, order: str = "reading") -> str:
     """The gold description with one generic error: a wrong colour, shape or position of one object, a dropped
     object, or an inserted one (shape drawn uniformly from the absent ones, random colour, size and free cell)."""
     objs = [dict(o) for o in scene["objects"]]
@@ -141,8 +142,8 @@ def corrupt_description(rng, scene: dict) -> str:
     else:
         objs.append({"shape": rng.choice([s for s in SHAPES if s not in present]), "color": rng.choice(COLORS),
                      "size": rng.choice(SIZES), **cell(rng.choice(free or range(9)))})
-    objs.sort(key=lambda x: (x["row"], x["col"]))  # descriptions name objects in reading order
-    return describe(scene | {"objects": objs})
+    objs.sort(key=lambda x: (x["row"], x["col"]))  # a scene record lists objects in reading order
+    return describe(scene | {"objects": objs}, order)
 
 
 def wrong_answer(rng, scene: dict, q: str) -> str:
@@ -158,25 +159,26 @@ def improve_example(rng, scene: dict, mix: Mix) -> tuple[str, str]:
     passes the model's own description, which may be wrong, so the rewrite must read the image)."""
     if rng.random() < mix.improve_des:  # a description being improved; SENA passes it as its own description
         q = rng.choice(prompts.DESCRIBE_PROMPTS) + (prompts.DES_SUFFIX if rng.random() < 0.7 else "")
-        gold = describe(scene)
-        cur = corrupt_description(rng, scene) if rng.random() < mix.improve_corrupt else gold
+        gold = describe(scene, mix.des_order)
+        cur = corrupt_description(rng, scene, mix.des_order) if rng.random() < mix.improve_corrupt else gold
         return prompts.improve_prompt(cur, q, cur), f"{prompts.IMPROVED_MARKER} {gold}"
     q = answerable_question(rng, scene)
     gold = oracle_answer(scene, q)
     cur = wrong_answer(rng, scene, q) if rng.random() < mix.improve_corrupt else gold
     u = rng.random()
-    desc = "Yes" if u < 0.1 else describe(scene) if u < 0.6 else corrupt_description(rng, scene)
+    desc = ("Yes" if u < 0.1 else describe(scene, mix.des_order) if u < 0.6
+            else corrupt_description(rng, scene, mix.des_order))
     # SENA's generate.py passes the whole short-answer prompt (question + GEN_SUFFIX) as the question; the improved
     # answer is "precise and concise": one word or phrase under that suffix, a full sentence for a bare question.
     if rng.random() < 0.7:
         return prompts.improve_prompt(desc, q + prompts.GEN_SUFFIX, cur), f"{prompts.IMPROVED_MARKER} {gold}"
-    return prompts.improve_prompt(desc, q, cur), f"{prompts.IMPROVED_MARKER} {precise_answer(scene, q)}"
+    return prompts.improve_prompt(desc, q, cur), f"{prompts.IMPROVED_MARKER} {precise_answer(scene, q, mix.des_order)}"
 
 
 def make_example(rng, scene: dict, kind: str, mix: Mix) -> tuple[str, str]:
     """(user prompt, answer) of one supervised example of the given kind."""
     if kind == "des":
-        return rng.choice(prompts.DESCRIBE_PROMPTS) + prompts.DES_SUFFIX, describe(scene)
+        return rng.choice(prompts.DESCRIBE_PROMPTS) + prompts.DES_SUFFIX, describe(scene, mix.des_order)
     if kind == "gen":
         q = answerable_question(rng, scene)
         return q + prompts.GEN_SUFFIX, oracle_answer(scene, q)

@@ -65,6 +65,10 @@ class RecipeError(UserError):
     """A cached θ0 built with another recipe than the one asked for (the CLIs print it as one line)."""
 
 
+# Recipe keys added after a θ0 was built, with the value its meta.json stands for (it was built that way).
+PREDATES = {"mix": {"des_order": "reading"}}
+
+
 def check_recipe(out, recipe):
     """Refuse a cached θ0 built with another recipe (seed, train, model, mix, question weights) than the one asked for: it would be
     reused silently and every number after it would belong to another θ0."""
@@ -73,7 +77,7 @@ def check_recipe(out, recipe):
     asked = json.loads(json.dumps(recipe))  # as meta.json holds it: tuples -> lists
     diffs = [f"seed {meta['seed']} (asked {asked['seed']})"] if meta.get("seed") != asked["seed"] else []
     for part in ("train", "model", "mix", "questions"):
-        have = meta.get(part, {})
+        have = PREDATES.get(part, {}) | meta.get(part, {})
         diffs += [f"{part}.{k} {have.get(k)} (asked {v})" for k, v in asked[part].items() if have.get(k) != v]
     if diffs:
         raise RecipeError(f"{path}: the cached θ0 was built with {'; '.join(diffs)}. Use another directory, or "
