@@ -148,7 +148,7 @@ def build_requests(scenes, seed, pope_k):
             reqs.append({"task": "open", "split": "next_to", "image": sc["image"], "prompt": q + P.GEN_SUFFIX,
                          "gold": oracle_answer(sc, q), "text": q})
         reqs.append({"task": "des", "split": "des", "image": sc["image"],
-                     "gold": [describe(sc, o) for o in DES_ORDERS],
+                     "gold": describe(sc), "gold_orders": [describe(sc, o) for o in DES_ORDERS],
                      "prompt": P.DESCRIBE_PROMPTS[i % len(P.DESCRIBE_PROMPTS)] + P.DES_SUFFIX})  # fmt: skip
         reqs.append({"task": "ask", "split": "ask", "image": sc["image"], "prompt": P.ASK_QUESTION, "gold": None})
     return reqs
@@ -180,7 +180,7 @@ def score_world(reqs, scenes):
                                     for r in pick("ask")),
         "sq_answerable_checked": M.rate(r["question"] is not None and oracle_answer(by_image[r["image"]],
                                         r["question"]) is not None for r in pick("self_check")),
-        "des_exact": M.rate(r["answer"].strip() in r["gold"] for r in des),  # either order a θ0 may use
+        "des_exact": M.rate(r["answer"].strip() in r["gold_orders"] for r in des),  # either order a θ0 may use
         "des_words": sum(len(r["answer"].split()) for r in des) / max(1, len(des)),  # descriptions must not shrink
         # Self-enhancement's effect on its own colour answers: correct before, and after (a refused rewrite keeps
         # the answer, as in generate.py).
