@@ -50,7 +50,7 @@ from sena.world.render import render
 from sena.world.scenes import SHAPES, absent_buddies, sample_scenes
 from sena.world.stage2 import answer_loss
 from sena.world.tasks import answerable_question
-from sena.world.theta0 import read_meta
+from sena.world.theta0 import read_meta, recipe_part
 
 
 def probe(model, tok, image_cfg, scenes, image_dir):
@@ -136,7 +136,7 @@ def main(argv=None):
         probe_scenes = write_split(os.path.join(tmp, "probe"), args.n_probe, args.seed, "carryover-probe",
                                    os.path.join(tmp, "probe.jsonl"))
         before = probe(model, tok, image_cfg, probe_scenes, os.path.join(tmp, "probe"))
-        order = read_meta(args.model).get("mix", {}).get("des_order", "reading")
+        order = recipe_part(read_meta(args.model), "mix")["des_order"]
         train_gold(model, tok, image_cfg, train, args.steps, args.batch, args.lr, args.seed, order, args.train)
         after = probe(model, tok, image_cfg, probe_scenes, os.path.join(tmp, "probe"))
     print(f"{'':20}{'before':>10}{'after':>10}")

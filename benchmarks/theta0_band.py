@@ -10,28 +10,46 @@ half-widths 3 and 6, in %).
 """
 
 import argparse
-import json
 import os
 
+from sena.io import read_json
+
 SPLITS = ("random", "popular", "adversarial")
+AMBER_TYPES = ("existence", "attribute", "relation")
+
+
+def _pct(x, digits=2):
+    return f"{100 * x:.{digits}f}"
+
+
+def _formats(m):
+    return min(m["fmt_ask_question"], m["fmt_self_check"], m["fmt_improve"])
+
+
+# Gate 2, one row per criterion: (name, met on a metrics dict of fractions as meta.json holds them, value shown).
+CRITERIA = [
+    ("POPE F1 84-90 on every split", lambda m: all(0.84 <= m[f"pope_{s}_f1"] <= 0.90 for s in SPLITS),
+     lambda m: " / ".join(_pct(m[f"pope_{s}_f1"]) for s in SPLITS)),
+    ("POPE adversarial the lowest", lambda m: m["pope_adversarial_f1"] == min(m[f"pope_{s}_f1"] for s in SPLITS),
+     lambda m: _pct(m["pope_adversarial_f1"])),
+    ("CHAIR_i 8-20", lambda m: 0.08 <= m["chair_i"] <= 0.20, lambda m: _pct(m["chair_i"])),
+    ("CHAIR recall >= 80", lambda m: m["chair_recall"] >= 0.80, lambda m: _pct(m["chair_recall"])),
+    ("VQA >= 62", lambda m: m["vqa_overall"] >= 0.62, lambda m: _pct(m["vqa_overall"])),
+    ("formats >= 95", lambda m: _formats(m) >= 0.95, lambda m: _pct(_formats(m), 0)),
+    ("AMBER yes-ratios 20-80", lambda m: all(0.2 <= m[f"amber_yes_{d}"] <= 0.8 for d in AMBER_TYPES),
+     lambda m: " / ".join(_pct(m[f"amber_yes_{d}"], 1) for d in AMBER_TYPES)),
+    ("question types >= 4, none > 50", lambda m: m["sq_types"] >= 4 and m["sq_top_type"] <= 0.5,
+     lambda m: f"{m['sq_types']} ({_pct(m['sq_top_type'], 1)})"),
+]
 
 
 def criteria(m: dict) -> dict[str, bool]:
-    """Gate 2's criteria on a metrics dict (fractions, as meta.json holds them): name -> met."""
-    f1 = [m[f"pope_{s}_f1"] for s in SPLITS]
-    return {
-        "POPE F1 84-90 on every split": all(0.84 <= v <= 0.90 for v in f1),
-        "POPE adversarial the lowest": f1[2] == min(f1),
-        "CHAIR_i 8-20": 0.08 <= m["chair_i"] <= 0.20,
-        "CHAIR recall >= 80": m["chair_recall"] >= 0.80,
-        "VQA >= 62": m["vqa_overall"] >= 0.62,
-        "formats >= 95": min(m["fmt_ask_question"], m["fmt_self_check"], m["fmt_improve"]) >= 0.95,
-        "AMBER yes-ratios 20-80": all(0.2 <= m[f"amber_yes_{d}"] <= 0.8 for d in ("existence", "attribute", "relation")),
-        "question types >= 4, none > 50": m["sq_types"] >= 4 and m["sq_top_type"] <= 0.5,
-    }
+    """Gate 2's criteria on a metrics dict: name -> met."""
+    return {name: met(m) for name, met, _ in CRITERIA}
 
 
 def distance(m: dict) -> float:
+    """(1/4) [Σ_{s in SPLITS} |F1_s − 87| / 3 + |CHAIR_i − 14| / 6], in %: how far from the band's centre."""
     parts = [abs(100 * m[f"pope_{s}_f1"] - 87) / 3 for s in SPLITS] + [abs(100 * m["chair_i"] - 14) / 6]
     return sum(parts) / len(parts)
 
@@ -45,26 +63,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("theta0", nargs="+", help="θ0 directories (each with the meta.json its build wrote)")
     args = p.parse_args(argv)
-    metrics = {}
-    for d in args.theta0:
-        with open(os.path.join(d, "meta.json")) as f:
-            metrics[d] = json.load(f)["metrics"]
-    names = list(criteria(next(iter(metrics.values()))))
-    shown = {
-        "POPE F1 84-90 on every split": lambda m: " / ".join(f"{100 * m[f'pope_{s}_f1']:.2f}" for s in SPLITS),
-        "POPE adversarial the lowest": lambda m: f"{100 * m['pope_adversarial_f1']:.2f}",
-        "CHAIR_i 8-20": lambda m: f"{100 * m['chair_i']:.2f}",
-        "CHAIR recall >= 80": lambda m: f"{100 * m['chair_recall']:.2f}",
-        "VQA >= 62": lambda m: f"{100 * m['vqa_overall']:.2f}",
-        "formats >= 95": lambda m: f"{100 * min(m['fmt_ask_question'], m['fmt_self_check'], m['fmt_improve']):.0f}",
-        "AMBER yes-ratios 20-80": lambda m: " / ".join(f"{100 * m[f'amber_yes_{d}']:.1f}"
-                                                        for d in ("existence", "attribute", "relation")),
-        "question types >= 4, none > 50": lambda m: f"{m['sq_types']} ({100 * m['sq_top_type']:.1f})",
-    }
+    metrics = {d: read_json(os.path.join(d, "meta.json"), what="θ0 meta.json")["metrics"] for d in args.theta0}
     print("| criterion | " + " | ".join(metrics) + " |")
     print("|---" * (len(metrics) + 1) + "|")
-    for name in names:
-        cells = [f"{shown[name](m)} {'met' if criteria(m)[name] else 'MISSED'}" for m in metrics.values()]
+    for name, met, shown in CRITERIA:
+        cells = [f"{shown(m)} {'met' if met(m) else 'MISSED'}" for m in metrics.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("| selection distance | " + " | ".join(f"{distance(m):.2f}" for m in metrics.values()) + " |")
     print(f"the selection rule picks {pick(metrics)}")

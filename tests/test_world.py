@@ -561,13 +561,13 @@ def test_shipped_theta0_matches_its_meta_and_the_recipe():
     from sena.world import SHIPPED_THETA0
     from sena.world.build import MODEL, TRAIN, model_config
     from sena.world.tasks import GEN_WEIGHTS
-    from sena.world.theta0 import PREDATES, verify, weights_hash
+    from sena.world.theta0 import recipe_part, verify, weights_hash
 
     meta = verify(SHIPPED_THETA0)
     # The repository ships the seed of 0 and 1 nearer the band's centre on the validation split (docs/world.md).
     assert meta["complete"] and meta["seed"] in (0, 1) and len(meta["files_sha256"]) >= 4
     want = json.loads(json.dumps({"train": TRAIN, "model": MODEL, "mix": vars(Mix()), "questions": GEN_WEIGHTS}))
-    assert {k: PREDATES.get(k, {}) | meta[k] for k in want} == want  # keys newer than the build stand for defaults
+    assert {k: recipe_part(meta, k) for k in want} == want  # keys newer than the build read as it was built
     config = read_json(SHIPPED_THETA0, "config.json")
     assert config.pop("dtype") == "float32"  # save_pretrained records the weights' dtype beside the architecture
     assert config == json.loads(json.dumps(model_config(build_tokenizer()).to_hf_dict()))

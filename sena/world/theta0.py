@@ -69,6 +69,11 @@ class RecipeError(UserError):
 PREDATES = {"mix": {"des_order": "reading"}}
 
 
+def recipe_part(meta: dict, part: str) -> dict:
+    """meta.json's recipe part ("train", "model", "mix", "questions"), a key it predates read as PREDATES says."""
+    return PREDATES.get(part, {}) | meta.get(part, {})
+
+
 def check_recipe(out, recipe):
     """Refuse a cached θ0 built with another recipe (seed, train, model, mix, question weights) than the one asked for: it would be
     reused silently and every number after it would belong to another θ0."""
@@ -77,7 +82,7 @@ def check_recipe(out, recipe):
     asked = json.loads(json.dumps(recipe))  # as meta.json holds it: tuples -> lists
     diffs = [f"seed {meta['seed']} (asked {asked['seed']})"] if meta.get("seed") != asked["seed"] else []
     for part in ("train", "model", "mix", "questions"):
-        have = PREDATES.get(part, {}) | meta.get(part, {})
+        have = recipe_part(meta, part)
         diffs += [f"{part}.{k} {have.get(k)} (asked {v})" for k, v in asked[part].items() if have.get(k) != v]
     if diffs:
         raise RecipeError(f"{path}: the cached θ0 was built with {'; '.join(diffs)}. Use another directory, or "
